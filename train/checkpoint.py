@@ -1,0 +1,158 @@
+"""Checkpoints: atomic writes, a content digest, safe loading, and the one resume file.
+
+Layout in `<run>/checkpoints/`: `last.pt` (the resume contract: the trainer writes it and
+always looks for it), `prev.pt` (the `last.pt` before it, kept so that a damaged `last.pt`
+never costs the run) and `best.pt` (best test accuracy so far). A write goes to a temporary
+file, is fsync'ed and renamed over the target, so a reader never sees half a file and a
+crash or full disk leaves the previous file whole. Every file carries a SHA-256 digest of
+its contents, so a silent bit flip is found on loading instead of being trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from train.errors import UserError
+
+LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
+FORMAT = 1  # bumped when the layout of the dict changes
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": version("torchvision"), "cifar-scaffold": version("cifar-scaffold")}
+
+
+def _feed(h, obj) -> None:
+    """Hash a nested checkpoint structure in a fixed order: tensors by their bytes, the rest by repr."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L" if isinstance(obj, list) else b"U")
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def digest(payload: dict) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | None = None, payload: dict | None = None) -> None:
+    """Write bytes (or torch.save a payload) to `path` atomically; on any failure remove the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if payload is not None:
+                torch.save(payload, f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(folder: Path, payload: dict, is_best: bool) -> Path:
+    """Write `payload` as last.pt (keeping the previous last.pt as prev.pt) and as best.pt when `is_best`."""
+    payload = dict(payload, format=FORMAT, versions=versions())
+    payload["digest"] = digest(payload)
+    last = folder / LAST
+    try:
+        if last.exists():
+            # prev.pt becomes the current last.pt by a hard link (no copy): last.pt always exists
+            _link_atomic(last, folder / PREV)
+        write_atomic(last, payload=payload)
+        if is_best:
+            _link_atomic(last, folder / BEST)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint in {folder} ({e.strerror or e}); the previous {LAST} is untouched. "
+            f"Free space there (or fix permissions) and rerun the same command to resume"
+        ) from None
+    return last
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.link.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links: copy the bytes instead
+        write_atomic(tmp, data=src.read_bytes())
+    os.replace(tmp, dst)
+
+
+def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
+    """Load a checkpoint with weights_only=True (no code runs from the file) and check its digest."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+            raise CheckpointError(f"checkpoint {path} holds pickled Python objects, not only tensors; refusing to run code from it") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint ({first[:200]})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "digest" not in payload:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'digest' entries)")
+    if verify and digest(payload) != payload["digest"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the digest written with it")
+    return payload
+
+
+def find_resumable(folder: Path, check) -> tuple[Path | None, list[str]]:
+    """The newest good checkpoint among last.pt and prev.pt, and one line per file that was rejected.
+
+    `check(payload)` raises CheckpointError when a loadable file still does not fit this run
+    (another architecture, say).
+    """
+    problems = []
+    for name in (LAST, PREV):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            check(load(path))
+            return path, problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
+

@@ -1,0 +1,430 @@
+"""Datasets held in memory as one uint8 tensor, loaders over them, and batched augmentation.
+
+Every dataset becomes the same thing: `images` (N, 3, H, W) uint8 and `labels` (N,) int64
+per split, plus the class names. Decoded datasets (CIFAR-10, image folders) are cached as
+.npy files and memory-mapped, so the ranks of a node share one copy in the page cache.
+A batch is one tensor index, `images[indices]`; crop, flip and normalisation run on the
+whole batch on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from train.config import DataConfig
+from train.errors import UserError
+
+# Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Datasets:
+    train: Split
+    test: Split
+    classes: list[str]
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load(cfg: DataConfig, dist) -> Datasets:
+    """The configured dataset; files are prepared once per node, then memory-mapped by every rank."""
+    if cfg.name == "synthetic":
+        return synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.synthetic_seed)
+    if cfg.name == "cifar10":
+        prepare = lambda: _cifar10_cache(cfg)  # noqa: E731
+    else:
+        prepare = lambda: _imagefolder_cache(cfg)  # noqa: E731
+    cache = _once_per_node(prepare, dist)
+    return _open_cache(cache)
+
+
+def _once_per_node(fn, dist):
+    """Run `fn` on local rank 0; every rank gets its result or the same UserError (no rank is left waiting)."""
+    result, error = None, None
+    if dist.launch.local_rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if dist.any(error is not None):
+        raise UserError(error or "the dataset could not be prepared on this node's first rank (see its error)")
+    if dist.launch.local_rank != 0:
+        result = fn()  # the cache exists now: this only computes its path
+    return result
+
+
+def _open_cache(folder: Path) -> Datasets:
+    # mmap_mode="c": pages come from the page cache, shared by all ranks; copy-on-write keeps the
+    # array writable for torch.from_numpy without ever writing the file.
+    def array(name):
+        return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
+
+    meta = json.loads((folder / "meta.json").read_text())
+    return Datasets(
+        train=Split(array("train_images"), array("train_labels")),
+        test=Split(array("test_images"), array("test_labels")),
+        classes=meta["classes"],
+    )
+
+
+def _write_cache(folder: Path, arrays: dict[str, np.ndarray], classes: list[str]) -> None:
+    """Write the cache folder atomically: a temporary sibling, then one rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr)
+        (tmp / "meta.json").write_text(json.dumps({"classes": classes}))
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():  # another node sharing this folder may have won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(files: list[Path], *extra) -> str:
+    return _fingerprint([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files], *extra)
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir))
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+def cifar10_folder(root: str | Path, download: bool) -> Path:
+    """The `cifar-10-batches-py` folder under `root`: present, extracted from the archive, or downloaded."""
+    root = Path(os.path.expanduser(root))
+    for folder in (root / CIFAR10_FOLDER, root):
+        if all((folder / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES):
+            return folder
+    archive = root / CIFAR10_ARCHIVE
+    from torchvision.datasets import utils as tv_utils  # torchvision is slow to import; only needed here
+
+    if archive.is_file():
+        try:
+            tv_utils.extract_archive(str(archive), str(root))
+        except Exception as e:  # tarfile and gzip raise several types for a damaged archive
+            if not download:
+                raise UserError(f"cannot extract {archive} ({e}); delete it and put a good copy there, or set data.download=true") from None
+            archive.unlink()
+        else:
+            return _checked_folder(root)
+    if download:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # urllib has no timeout of its own: a silent network must not hang the job
+        try:
+            tv_utils.download_and_extract_archive(CIFAR10_URL, str(root), filename=CIFAR10_ARCHIVE, md5=CIFAR10_MD5)
+        except Exception as e:  # URLError, OSError, RuntimeError("File not found or corrupted.")
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"CIFAR-10 is not in {root}/{CIFAR10_FOLDER} and the download failed ({reason}); "
+                f"put {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) or its extracted {CIFAR10_FOLDER}/ folder in {root}/, "
+                f"or run without it: data.name=synthetic"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+        return _checked_folder(root)
+    raise UserError(
+        f"CIFAR-10 is not in {root}/{CIFAR10_FOLDER}; put {CIFAR10_ARCHIVE} (from {CIFAR10_URL}) "
+        f"or its extracted {CIFAR10_FOLDER}/ folder in {root}/, set data.download=true to fetch it, "
+        f"or run without it: data.name=synthetic"
+    )
+
+
+def _checked_folder(root: Path) -> Path:
+    folder = root / CIFAR10_FOLDER
+    missing = [f for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(missing)}; the archive is not CIFAR-10's python version ({CIFAR10_ARCHIVE})")
+    return folder
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 pickle: (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
+    try:
+        with open(path, "rb") as f:
+            # Python-2 pickles: latin1 gives str keys and numpy arrays back. These are the
+            # dataset's own files, the same trust as torchvision's CIFAR10 reader.
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    except Exception as e:
+        raise UserError(f"CIFAR-10 file {path} cannot be read ({type(e).__name__}: {e}); replace it with the official file") from None
+    if len(data) != len(labels):
+        raise UserError(f"CIFAR-10 file {path} holds {len(data)} images but {len(labels)} labels; replace it with the official file")
+    return data, labels
+
+
+def read_cifar10(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    parts = {split: [_read_batch(folder / f) for f in files]
+             for split, files in (("train", CIFAR10_TRAIN_FILES), ("test", CIFAR10_TEST_FILES))}
+    arrays = {}
+    for split, batches in parts.items():
+        arrays[f"{split}_images"] = np.concatenate([b[0] for b in batches])
+        arrays[f"{split}_labels"] = np.concatenate([b[1] for b in batches])
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+    else:
+        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return arrays, classes
+
+
+def _cifar10_cache(cfg: DataConfig) -> Path:
+    folder = cifar10_folder(cfg.root, cfg.download)
+    files = [folder / f for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES]
+    cache = _cache_root(cfg) / f"cifar10-{_files_fingerprint(files)}"
+    if not (cache / "meta.json").is_file():
+        arrays, classes = read_cifar10(folder)
+        _write_cache(cache, arrays, classes)
+    return cache
+
+
+# ---------------------------------------------------------------------------- image folders
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: alpha dropped (as the seed's convert('RGB')), 16-bit scaled, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: PIL's convert would clip at 255; scale the real range to 8 bits.
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL's advice for palette transparency; the alpha is then dropped
+    return image.convert("RGB")
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """(3, size, size) uint8 from an image file of any mode and size, or a UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"image {path} cannot be read ({type(e).__name__}: {e}); remove or replace the file") from None
+    rgb = rgb.resize((size, size), Image.BILINEAR)  # the seed's transforms.Resize((32, 32)) on a PIL image
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _folder_listing(split_dir: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]], list[str]]:
+    if not split_dir.is_dir():
+        raise UserError(f"image folder {split_dir} not found; data.root must hold train/<class>/*.png and test/<class>/*.png")
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    classes = classes or found
+    if not classes:
+        raise UserError(f"image folder {split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{split_dir} has classes not in train/: {', '.join(unknown)}; every test class needs training images")
+    items = [(p, i) for i, c in enumerate(classes) if (split_dir / c).is_dir()
+             for p in sorted((split_dir / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not items:
+        raise UserError(f"image folder {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return items, classes
+
+
+def _imagefolder_cache(cfg: DataConfig) -> Path:
+    root = Path(os.path.expanduser(cfg.root))
+    train_items, classes = _folder_listing(root / "train", None)
+    test_items, _ = _folder_listing(root / "test", classes)
+    key = _files_fingerprint([p for p, _ in train_items + test_items], cfg.image_size, classes)
+    cache = _cache_root(cfg) / f"imagefolder-{key}"
+    if not (cache / "meta.json").is_file():
+        arrays = {}
+        for split, items in (("train", train_items), ("test", test_items)):
+            arrays[f"{split}_images"] = np.stack([read_image(p, cfg.image_size) for p, _ in items])
+            arrays[f"{split}_labels"] = np.array([label for _, label in items], dtype=np.int64)
+        _write_cache(cache, arrays, classes)
+    return cache
+
+
+# ---------------------------------------------------------------------------- synthetic
+
+def synthetic(n_train: int, n_test: int, n_classes: int = 10, seed: int = 0, size: int = 32) -> Datasets:
+    """A learnable dataset, the same for the same seed: one smooth colour pattern per class, plus noise.
+
+    Each image is its class pattern at a random contrast, shifted by a few pixels, with
+    per-pixel noise: a small CNN learns it in a few epochs, yet the first epoch is far from perfect.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1.0, 1.0, size=(n_classes, 3, 4, 4))
+    patterns = np.kron(coarse, np.ones((1, 1, size // 4, size // 4)))  # (C, 3, size, size), blocks of 8x8
+
+    def split(n):
+        labels = rng.permutation(np.arange(n) % n_classes)
+        contrast = rng.uniform(20.0, 60.0, size=(n, 1, 1, 1))
+        images = 128.0 + contrast * patterns[labels] + rng.normal(0.0, 70.0, size=(n, 3, size, size))
+        shifts = rng.integers(-3, 4, size=(n, 2))
+        for i, (dy, dx) in enumerate(shifts):
+            images[i] = np.roll(images[i], (dy, dx), axis=(1, 2))
+        return Split(torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8)), torch.from_numpy(labels.astype(np.int64)))
+
+    train, test = split(n_train), split(n_test)
+    return Datasets(train=train, test=test, classes=[f"class_{i}" for i in range(n_classes)])
+
+
+# ---------------------------------------------------------------------------- loaders
+
+class _Batches(Dataset):
+    """A dataset whose items are whole batches: `ds[list_of_indices]` is one tensor index."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.split.images.device)
+        return self.split.images[idx], self.split.labels[idx]
+
+
+class _Skip:
+    """A batch sampler that starts at batch `start` (resuming in the middle of an epoch)."""
+
+    def __init__(self, batches: BatchSampler, start: int):
+        self.batches, self.start = batches, start
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+
+def train_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int,
+                 epoch: int, start_batch: int = 0, workers: int = 0) -> DataLoader:
+    """This rank's batches of one epoch: shuffled by (seed, epoch), split across ranks, full batches only."""
+    dataset = _Batches(split)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    batches = _Skip(BatchSampler(sampler, batch_per_rank, drop_last=True), start_batch)
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                      pin_memory=False, persistent_workers=False)
+
+
+def steps_per_epoch(n: int, batch_per_rank: int, world_size: int) -> int:
+    return (n // world_size) // batch_per_rank
+
+
+def eval_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, workers: int = 0) -> DataLoader:
+    """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding."""
+    n = len(split)
+    share = range(n * rank // world_size, n * (rank + 1) // world_size)
+    return DataLoader(_Batches(split), sampler=BatchSampler(share, batch_per_rank, drop_last=False),
+                      batch_size=None, num_workers=workers)
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+class Preprocess:
+    """uint8 batches to normalised float batches on the device; training batches augmented first.
+
+    All operations act on the whole batch (B, 3, H, W) at once, with this rank's own generator.
+    """
+
+    def __init__(self, augment: tuple[str, ...], device: torch.device, channels_last: bool,
+                 mean=CIFAR10_MEAN, std=CIFAR10_STD, pad: int = 4):
+        self.augment, self.device, self.pad = augment, device, pad
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        # x / 255 normalised = x * scale + shift, one fused multiply-add per pixel
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+
+    def test(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalise(x)
+
+    def train(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if "crop" in self.augment:
+            x = random_crop(x, self.pad, gen)
+        if "flip" in self.augment:
+            x = random_flip(x, gen)
+        if "grayscale" not in self.augment and "jitter" not in self.augment:
+            return self._normalise(x)
+        x = x.float()
+        if "grayscale" in self.augment:
+            x = random_grayscale(x, 0.4, gen)
+        if "jitter" in self.augment:
+            x = random_brightness(x, 0.4, gen)
+        return self._normalise(x.clamp_(0, 255))
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `pad` and cut a random HxW window per image (torchvision's RandomCrop(32, padding=4))."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """The seed's RandomGrayscale(p) on a float batch in [0, 255]."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    gray = (x * weights).sum(1, keepdim=True).expand_as(x)
+    pick = torch.rand(x.shape[0], generator=gen, device=x.device) < p
+    return torch.where(pick[:, None, None, None], gray, x)
+
+
+def random_brightness(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """The seed's ColorJitter(strength): brightness scaled by a factor in [1 - s, 1 + s] per image."""
+    factor = 1.0 + strength * (2.0 * torch.rand(x.shape[0], generator=gen, device=x.device) - 1.0)
+    return x * factor[:, None, None, None]

@@ -1,0 +1,210 @@
+"""How this process was started, its device and process group, and collectives on sums.
+
+Three ways in, one code path after:
+- torchrun (and the launcher's submitit job): RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host
+  of the job's node list, the port derived from the job id;
+- neither (or a lone SLURM task): one process and no process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from train.errors import UserError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, read from the environment."""
+
+    launcher: str  # "torchrun" | "slurm" | "single"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str = ""
+    master_port: int = 0
+
+
+def detect(env: os._Environ | dict = os.environ) -> Launch:
+    """The launch mode from environment variables; torchrun's win over SLURM's (torchrun inside srun)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return Launch(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=world,
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    # SLURM_STEP_NUM_TASKS is set by srun for its step; the batch shell only has the allocation's
+    # SLURM_NTASKS, and a python started there directly is one process, not rank 0 of N.
+    tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if "SLURM_PROCID" in env and tasks is not None and int(tasks) > 1:
+        return Launch(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(tasks),
+            local_world_size=_tasks_on_this_node(env),
+            master_addr=_first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
+            master_port=_port_from_job_id(env.get("SLURM_JOB_ID", "0")),
+        )
+    return Launch(launcher="single")
+
+
+def _port_from_job_id(job_id: str) -> int:
+    # Jobs sharing a node get different ports; the steps of one job run one after another.
+    return 15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def _tasks_on_this_node(env) -> int:
+    """This node's entry of SLURM_STEP_TASKS_PER_NODE, a list like '2(x3),1'."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else 1
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `scontrol show hostnames` where it exists, else parsed here."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True).stdout
+            if out.split():
+                return out.split()[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    # Forms: "node1", "node[1-3,7]", "a[01-02],b3": take the first name with its first index.
+    m = re.match(r"([^,\[]+)(?:\[([^\],\-]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "") if m else nodelist
+
+
+@dataclass
+class Dist:
+    """The live distributed context: this rank, its device, and sum-collectives over all ranks."""
+
+    launch: Launch
+    device: torch.device
+    backend: str | None  # None: one process, no process group
+    control: object = None  # a gloo group for CPU-side agreement (flags, objects) when the main backend is NCCL
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; metrics are sums so that N ranks count exactly what 1 counts."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank (a CPU collective: no device sync)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, as a list on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.control)
+
+
+def _device(preference: str, launch: Launch) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"train.device={preference} but CUDA is not available here; use train.device=cpu (or auto)")
+    if ":" in preference:
+        if launch.world_size > 1:
+            raise UserError(f"train.device={preference} names one GPU, but {launch.world_size} ranks each need their own; use train.device=cuda")
+        return torch.device(preference)
+    visible = torch.cuda.device_count()
+    if launch.local_rank >= visible:
+        raise UserError(
+            f"local rank {launch.local_rank} needs GPU {launch.local_rank}, but only {visible} GPU(s) are visible on this node; "
+            f"start at most {visible} processes per node (--nproc_per_node / --gpus-per-node)"
+        )
+    return torch.device("cuda", launch.local_rank)
+
+
+@contextlib.contextmanager
+def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+          launch: Launch | None = None) -> Iterator[Dist]:
+    """Join the process group (if several processes), pick the device; always leave the group on exit."""
+    launch = launch or detect()
+    dev = _device(device, launch)
+    if launch.world_size == 1:
+        yield Dist(launch, dev, None)
+        return
+    chosen = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
+    if chosen == "nccl" and dev.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on the CPU")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Under torchrun, env:// joins the agent's store (it already listens on MASTER_PORT);
+    # srun tasks have no agent, so rank 0 serves the store at the derived address.
+    init = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+    dist.init_process_group(
+        backend=chosen,
+        init_method=init,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=timeout,
+        device_id=dev if chosen == "nccl" else None,
+    )
+    try:
+        control = dist.new_group(backend="gloo", timeout=timeout) if chosen != "gloo" else None
+        yield Dist(launch, dev, chosen, control)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""Train an image classifier: one process, torchrun, srun, or the launcher's job, one code path.
+
+    python train/main.py [--config FILE] [section.key=value ...]
+    torchrun --nproc_per_node=4 train/main.py --config configs/cifar10_cnn.yaml
+    srun python train/main.py --config configs/cifar10_cnn.yaml
+
+Rerunning the same command resumes from <run>/checkpoints/last.pt. Exit codes: 0 done,
+2 bad input (one line on stderr), 3 the loss became non-finite, 75 stopped by a signal
+after saving (rerun to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Iterable
+
+import torch
+
+from train import config, distributed, engine
+from train.errors import UserError
+
+
+class StopFlag:
+    """Set by the configured signals; the loop reads it at step boundaries and all ranks agree on it."""
+
+    def __init__(self, names: Iterable[str]):
+        self.signum: int | None = None
+        self._previous = {}
+        for name in names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def set_threads(cfg: config.Config, launch: distributed.Launch) -> None:
+    """Ranks x threads = the cores this process may use, unless train.threads says otherwise."""
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cfg.train.threads or max(1, cores // launch.local_world_size))
+
+
+def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
+    """Set up the process (threads, process group, device), train, tear down. Returns the exit code."""
+    launch = distributed.detect()
+    set_threads(cfg, launch)
+    own_stop = stop is None
+    stop = stop or StopFlag(cfg.dist.stop_signals)
+    try:
+        with distributed.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch) as dist:
+            trainer = engine.Trainer(cfg, dist, stop)
+            try:
+                return trainer.fit()
+            finally:
+                trainer.logger.close()
+    finally:
+        if own_stop:
+            stop.restore()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train/main.py",
+        description="Train the seed's CIFAR-10 CNN or VGG16. Rerun the same command to resume.",
+        epilog="examples: python train/main.py data.name=synthetic | torchrun --nproc_per_node=2 train/main.py --config configs/smoke.yaml",
+    )
+    config.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        cfg = config.from_args(args)
+        if args.print_config:
+            print(config.dump(cfg), end="", flush=True)
+            return 0
+        return run(cfg)
+    except UserError as e:
+        launch = distributed.detect()
+        prefix = f"[rank {launch.rank}] " if launch.rank else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
