@@ -366,6 +366,17 @@ def differences(old: Config, new: Config) -> dict[str, tuple[object, object]]:
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # options may come after the overrides: `main.py data.name=synthetic --config smoke.yaml`
+        return self.parse_intermixed_args(args, namespace)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

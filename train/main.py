@@ -70,7 +70,7 @@ def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = config.ArgumentParser(
         prog="train/main.py",
         description="Train the seed's CIFAR-10 CNN or VGG16. Rerun the same command to resume.",
         epilog="examples: python train/main.py data.name=synthetic | torchrun --nproc_per_node=2 train/main.py --config configs/smoke.yaml",

@@ -1,0 +1,137 @@
+"""Shared helpers: run the real entry points as subprocesses, write datasets in their real formats."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN = REPO / "train" / "main.py"
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def env_for_tests(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # keep the subprocesses of one test from oversubscribing the 2 cores
+    env.pop("OMP_NUM_THREADS", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or env_for_tests(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train/main.py ARGS` as a user runs it."""
+    return run([sys.executable, MAIN, *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def torchrun(nproc: int, *args, cwd: Path, env: dict | None = None, extra: tuple = (), timeout: float = 300):
+    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}", *extra, MAIN, *args], cwd=cwd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The process failed with exactly one line on stderr, `error: ...`, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ CIFAR-10 in its own format
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote CIFAR-10: str and bytes as py2 strings, numpy by its old path."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_string(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_string
+    dispatch[bytes] = save_py2_string
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if module.startswith("numpy._core"):  # py2-era files name numpy.core.multiarray
+            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core'):]}\n{obj.__name__}\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: Path, per_batch: int = 100, test: int = 100, seed: int = 0) -> dict:
+    """`root/cifar-10-batches-py/` with the official file names and layout; labels follow a pattern so
+    a model can learn them (the class's colour in one image quadrant)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+
+    def batch(n, label_name):
+        labels = rng.integers(0, 10, size=n)
+        images = rng.integers(0, 80, size=(n, 3, 32, 32), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, c % 3, (c // 3) * 8:(c // 3) * 8 + 8, :] = 255
+        data = images.reshape(n, 3072)  # rows of 1024 R, 1024 G, 1024 B values, as in the official files
+        return {"batch_label": label_name, "labels": [int(v) for v in labels], "data": data,
+                "filenames": [f"img_{i}.png" for i in range(n)]}, images, labels
+
+    for i in range(1, 6):
+        entry, images, labels = batch(per_batch, f"training batch {i} of 5")
+        (folder / f"data_batch_{i}").write_bytes(py2_pickle(entry))
+        written[f"data_batch_{i}"] = (images, labels)
+    entry, images, labels = batch(test, "testing batch 1 of 1")
+    (folder / "test_batch").write_bytes(py2_pickle(entry))
+    written["test_batch"] = (images, labels)
+    (folder / "batches.meta").write_bytes(py2_pickle({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}))
+    return written
+
+
+@pytest.fixture
+def smoke_args(tmp_path):
+    """The smoke config with its run folder in the test's own folder."""
+    return ["--config", SMOKE, f"log.run_dir={tmp_path / 'run'}"]
