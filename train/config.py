@@ -79,12 +79,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.02  # peak learning rate, for the global batch size
+    lr: float = 0.01  # peak learning rate, for the global batch size
     momentum: float = 0.9  # sgd momentum; adamw uses it as beta1
     nesterov: bool = True  # sgd only
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # none | step | cosine | onecycle (linear up during warm-up, then linear down to 0)
-    warmup_epochs: float = 2.0  # linear warm-up from 0 to lr over this many epochs (fractions allowed)
+    warmup_epochs: float = 1.0  # linear warm-up from 0 to lr over this many epochs (fractions allowed)
     step_epochs: int = 10  # step schedule: multiply lr by gamma every step_epochs epochs
     gamma: float = 0.1  # step schedule factor
 

@@ -50,17 +50,17 @@ def detect(env: os._Environ | dict = os.environ) -> Launch:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    # SLURM_STEP_NUM_TASKS is set by srun for its step; the batch shell only has the allocation's
-    # SLURM_NTASKS, and a python started there directly is one process, not rank 0 of N.
-    tasks = env.get("SLURM_STEP_NUM_TASKS")
+    # srun sets SLURM_STEP_NUM_TASKS for its step; SLURM_NTASKS is the allocation's. (A python started
+    # directly in an sbatch script with -n 2 would wait for a second task: start it with srun.)
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     if "SLURM_PROCID" in env and tasks is not None and int(tasks) > 1:
         return Launch(
             launcher="slurm",
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(tasks),
-            local_world_size=_tasks_on_this_node(env),
-            master_addr=_first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
+            local_world_size=_tasks_on_this_node(env, int(tasks)),
+            master_addr=_first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"),
             master_port=_port_from_job_id(env.get("SLURM_JOB_ID", "0")),
         )
     return Launch(launcher="single")
@@ -71,9 +71,10 @@ def _port_from_job_id(job_id: str) -> int:
     return 15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
 
 
-def _tasks_on_this_node(env) -> int:
+def _tasks_on_this_node(env, tasks: int) -> int:
     """This node's entry of SLURM_STEP_TASKS_PER_NODE, a list like '2(x3),1'."""
-    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(max(1, tasks // nodes))
     counts: list[int] = []
     for part in spec.split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
@@ -157,6 +158,21 @@ class Dist:
             dist.barrier(group=self.control)
 
 
+def peer_failure(exc: BaseException, launch: Launch) -> str | None:
+    """One line for an error that means another rank is gone or unreachable, else None."""
+    if launch.world_size == 1:
+        return None
+    text = str(exc)
+    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Connection refused", "timed out", "Timed out",
+               "Socket Timeout", "Broken pipe")
+    if not isinstance(exc, dist.DistError) and not any(m in text for m in markers):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first.split(" This is typically caused")[0][:200]
+    return (f"rank {launch.rank} of {launch.world_size} lost contact with the other ranks ({first}); "
+            f"one of them failed or was killed (see its log). Rerun the same command to resume from the last checkpoint")
+
+
 def _device(preference: str, launch: Launch) -> torch.device:
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,6 +193,18 @@ def _device(preference: str, launch: Launch) -> torch.device:
     return torch.device("cuda", launch.local_rank)
 
 
+def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store: torchrun's agent serves one; otherwise rank 0 serves it at MASTER_ADDR:PORT."""
+    if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agent's store outlives a restart of the workers. Without a prefix per attempt, the
+        # restarted ranks read the dead ranks' gloo addresses and fail with "Connection refused".
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"/scaffold/attempt_{attempt}", agent)
+    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=launch.rank == 0,
+                         timeout=timeout, wait_for_workers=False)
+
+
 @contextlib.contextmanager
 def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
           launch: Launch | None = None) -> Iterator[Dist]:
@@ -192,19 +220,13 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
-    # Under torchrun, env:// joins the agent's store (it already listens on MASTER_PORT);
-    # srun tasks have no agent, so rank 0 serves the store at the derived address.
-    init = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-    dist.init_process_group(
-        backend=chosen,
-        init_method=init,
-        rank=launch.rank,
-        world_size=launch.world_size,
-        timeout=timeout,
-        device_id=dev if chosen == "nccl" else None,
-    )
+    dist.init_process_group(backend=chosen, store=_store(launch, timeout), rank=launch.rank,
+                            world_size=launch.world_size, timeout=timeout,
+                            device_id=dev if chosen == "nccl" else None)
     try:
         control = dist.new_group(backend="gloo", timeout=timeout) if chosen != "gloo" else None
         yield Dist(launch, dev, chosen, control)
+        # leave together: a rank that tears down while another still sends can abort in gloo's destructors
+        dist.barrier(group=control)
     finally:
         dist.destroy_process_group()

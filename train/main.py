@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {launch.rank}] " if launch.rank else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except (RuntimeError, torch.distributed.DistError) as e:
+        line = distributed.peer_failure(e, distributed.detect())
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

@@ -1,0 +1,175 @@
+"""DDP on the CPU with gloo and real processes: torchrun, srun-style variables, faults and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import MAIN, SMOKE, env_for_tests, free_port, load, ok, torchrun, train
+from train import data as data_mod
+from train import models
+from train.config import ModelConfig
+from train.distributed import Dist, Launch, detect
+from train.engine import evaluate
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a_path, b_path, exact: bool):
+    a, b = load(a_path)["model"], load(b_path)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            # float32 sums in a different order (one batch of 64 vs two of 32, then an all-reduce)
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def test_one_rank_equals_two(tmp_path):
+    """Same global batch, augmentation off: 1 process and 2 ranks reach the same weights and counts."""
+    args = ["--config", SMOKE, "data.augment=[]"]
+    ok(train(*args, f"log.run_dir={tmp_path / 'one'}", cwd=tmp_path))
+    proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'two'}", cwd=tmp_path))
+    assert "on 2 x cpu" in proc.stdout
+    assert_same_weights(tmp_path / "one" / "checkpoints" / "last.pt", tmp_path / "two" / "checkpoints" / "last.pt", exact=False)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["test_count"] for m in one] == [m["test_count"] for m in two] == [256, 256]
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [16, 32]
+    for a, b in zip(one, two):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["test_acc"] - b["test_acc"]) <= 2 / 256
+
+
+def test_exact_evaluation_of_an_odd_test_set(tmp_path):
+    """101 test images on 2 ranks: 50 + 51, each counted once; the same accuracy as one process."""
+    run_dir = tmp_path / "run"
+    ok(torchrun(2, "--config", SMOKE, "data.synthetic_test=101", "train.epochs=1", f"log.run_dir={run_dir}", cwd=tmp_path))
+    logged = metrics(run_dir)[-1]
+    assert logged["test_count"] == 101
+    ckpt = load(run_dir / "checkpoints" / "last.pt")
+    model = models.build(ModelConfig(name="cnn"), 10)
+    model.load_state_dict(ckpt["model"])
+    ds = data_mod.synthetic(1024, 101)
+    one = Dist(Launch("single"), torch.device("cpu"), None)
+    result = evaluate(model, data_mod.eval_loader(ds.test, 64, 0, 1), data_mod.Preprocess((), one.device, True), one, 10)
+    assert result["count"] == 101
+    assert result["correct"] == round(logged["test_acc"] * 101)
+
+
+def test_only_rank_zero_writes_and_prints(tmp_path):
+    logs = tmp_path / "logs"
+    ok(torchrun(2, "--config", SMOKE, "train.epochs=1", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path,
+                extra=("--log-dir", logs, "--redirects", "3")))
+    files = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*") if p.is_file())
+    events = [f for f in files if "tfevents" in f]
+    assert len(events) == 2, files  # the scalars, and add_hparams' own file: one writer, rank 0's
+    assert [f for f in files if "tfevents" not in f] == [
+        "checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.jsonl"]
+    out0 = next(logs.rglob("0/stdout.log")).read_text()
+    assert "done: test_acc" in out0
+    for name in ("stdout.log", "stderr.log"):
+        assert next(logs.rglob(f"1/{name}")).read_text().strip() == "", name
+
+
+def slurm_env(rank: int, job_id: int, **extra) -> dict:
+    """What srun gives each task, and nothing of torchrun's."""
+    env = {k: v for k, v in env_for_tests().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+               SLURM_JOB_ID=str(job_id), SLURM_NODEID="0", **extra)
+    return env
+
+
+def start_srun_pair(tmp_path, args, **extra):
+    job_id = free_port() - 15000 + 20000  # the trainer listens on 15000 + job_id % 20000: a free port
+    return [subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=tmp_path, env=slurm_env(r, job_id, **extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
+def test_srun_variables_form_a_group_of_two(tmp_path):
+    assert detect(slurm_env(1, 7)) == Launch("slurm", rank=1, local_rank=1, world_size=2, local_world_size=2,
+                                             master_addr="localhost", master_port=15007)
+    procs = start_srun_pair(tmp_path, ["--config", SMOKE, "train.epochs=1", f"log.run_dir={tmp_path / 'run'}"])
+    (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err0 + err1
+    assert "on 2 x cpu" in out0 and "done: test_acc" in out0
+    assert out1 == "" and err1 == ""
+    assert metrics(tmp_path / "run")[-1]["test_count"] == 256
+
+
+def test_a_lone_slurm_task_is_one_process():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n1"}
+    assert detect(env).launcher == "single"
+
+
+def test_a_dead_rank_ends_the_others_promptly(tmp_path):
+    procs = start_srun_pair(tmp_path, ["--config", SMOKE, f"log.run_dir={tmp_path / 'run'}"], SCAFFOLD_TEST_CRASH_AT="1:5")
+    start = time.monotonic()
+    (out0, err0), _ = [p.communicate(timeout=120) for p in procs]
+    assert time.monotonic() - start < 60
+    assert procs[1].returncode == 13 and procs[0].returncode == 1
+    assert err0.strip().startswith("error: rank 0 of 2 lost contact with the other ranks") and "Traceback" not in err0
+    assert len(err0.strip().splitlines()) == 1
+
+
+def test_elastic_restart_resumes_and_matches(tmp_path):
+    """Rank 1 dies after step 20; torchrun restarts both from last.pt (saved every 8 steps) and finishes."""
+    args = ["--config", SMOKE, "data.augment=[crop,flip]", "train.save_every_steps=8"]
+    ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
+    env = env_for_tests(SCAFFOLD_TEST_CRASH_AT="1:20")
+    proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env, extra=("--max-restarts=1",)))
+    assert "resumed from" in proc.stdout and "at epoch 1 step 16" in proc.stdout
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)
+    assert [m["epoch"] for m in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
+    """SIGTERM to the torchrun group mid-epoch: every rank stops at the same step, rank 0 saves it, exit 75."""
+    args = ["--config", SMOKE, "data.augment=[crop,flip]", "data.synthetic_train=2048", "log.every_steps=2",
+            "train.epochs=1", "optim.schedule=step", "optim.warmup_epochs=0"]
+    ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(MAIN),
+           *map(str, args), f"log.run_dir={tmp_path / 'run'}"]
+    agent = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    seen = []
+    for line in agent.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1 step 10/"):
+            os.killpg(agent.pid, signal.SIGTERM)
+            break
+    rest = agent.communicate(timeout=120)[0]
+    output = "".join(seen) + rest
+    assert "stopped by signal at epoch 0 step" in output, output
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
+    step = ckpt["progress"]["step"]
+    assert 10 <= step < 32 and ckpt["progress"]["batch"] == step  # mid-epoch, at a step boundary
+    assert f"saved {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in output
+    proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 0 step {step}" in proc.stdout
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)
+    for a, b in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "run"), strict=True):
+        assert (a["epoch"], a["step"], a["test_acc"], a["test_loss"]) == (b["epoch"], b["step"], b["test_acc"], b["test_loss"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)  # float64 partial sums, added in another order
+
+
+def test_single_process_sigterm_exits_75(tmp_path):
+    args = ["--config", SMOKE, "data.synthetic_train=4096", "log.every_steps=2", f"log.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=tmp_path, env=env_for_tests(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1 step 6/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "Rerun the same command to continue" in out
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["batch"] >= 6
