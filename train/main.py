@@ -26,23 +26,29 @@ from train.errors import UserError
 class StopFlag:
     """Set by the configured signals; the loop reads it at step boundaries and all ranks agree on it."""
 
-    def __init__(self, names: Iterable[str]):
-        self.signum: int | None = None
-        self._previous = {}
+    def __init__(self, names: Iterable[str] = ()):
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        self.listen(names)
+
+    def listen(self, names: Iterable[str]) -> None:
         for name in names:
-            sig = getattr(signal, name)
-            self._previous[sig] = signal.signal(sig, self._handle)
+            sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        self.received.append(signum)
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return bool(self.received)
 
     def restore(self) -> None:
+        """Put back the handlers that were there before (submitit's, in a launcher job)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def set_threads(cfg: config.Config, launch: distributed.Launch) -> None:
@@ -52,11 +58,15 @@ def set_threads(cfg: config.Config, launch: distributed.Launch) -> None:
 
 
 def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
-    """Set up the process (threads, process group, device), train, tear down. Returns the exit code."""
+    """Set up the process (threads, process group, device), train, tear down. Returns the exit code.
+
+    The launcher's job passes its own StopFlag (listening for submitit's preemption signal too).
+    """
     launch = distributed.detect()
     set_threads(cfg, launch)
-    own_stop = stop is None
-    stop = stop or StopFlag(cfg.dist.stop_signals)
+    own = stop is None
+    stop = stop or StopFlag()
+    stop.listen(cfg.dist.stop_signals)
     try:
         with distributed.setup(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch) as dist:
             trainer = engine.Trainer(cfg, dist, stop)
@@ -65,7 +75,7 @@ def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
             finally:
                 trainer.logger.close()
     finally:
-        if own_stop:
+        if own:
             stop.restore()
 
 
@@ -79,14 +89,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
+    """The command line: errors a user can fix are one line on stderr and an exit code, never a traceback."""
     args = parse(argv)
     try:
         cfg = config.from_args(args)
         if args.print_config:
             print(config.dump(cfg), end="", flush=True)
             return 0
-        return run(cfg)
+        return run(cfg, stop)
     except UserError as e:
         launch = distributed.detect()
         prefix = f"[rank {launch.rank}] " if launch.rank else ""
