@@ -99,16 +99,19 @@ def test_synthetic_is_deterministic_and_balanced():
 
 
 def test_batched_crop_and_flip_match_per_image_definitions():
-    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    """Each output image is a 32x32 window of the zero-padded input, mirrored or not."""
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data.crop_and_flip(x, 4, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
-    out = data.random_crop(x, 4, gen)
-    gen = torch.Generator().manual_seed(0)
-    dy, dx = torch.randint(0, 9, (16,), generator=gen), torch.randint(0, 9, (16,), generator=gen)
+    dy, dx = torch.randint(0, 9, (64,), generator=gen), torch.randint(0, 9, (64,), generator=gen)
+    mirrored = torch.rand(64, generator=gen) < 0.5
     padded = nn.functional.pad(x, (4, 4, 4, 4))
-    for i in range(16):
-        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32])
-    flipped = data.random_flip(x, torch.Generator().manual_seed(1))
-    for i in range(16):
+    for i in range(64):
+        window = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], window.flip(2) if mirrored[i] else window)
+    assert 10 < int(mirrored.sum()) < 54 and len(set(zip(dy.tolist(), dx.tolist()))) > 20
+    flipped = data.crop_and_flip(x, 4, torch.Generator().manual_seed(1), crop=False)
+    for i in range(64):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
     assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
 

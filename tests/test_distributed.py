@@ -111,20 +111,20 @@ def test_a_lone_slurm_task_is_one_process():
 
 
 def test_a_dead_rank_ends_the_others_promptly(tmp_path):
-    procs = start_srun_pair(tmp_path, ["--config", SMOKE, f"log.run_dir={tmp_path / 'run'}"], SCAFFOLD_TEST_CRASH_AT="1:5")
+    procs = start_srun_pair(tmp_path, ["--config", SMOKE, f"log.run_dir={tmp_path / 'run'}"], SCAFFOLD_FAULT="step@5:1")
     start = time.monotonic()
     (out0, err0), _ = [p.communicate(timeout=120) for p in procs]
     assert time.monotonic() - start < 60
-    assert procs[1].returncode == 13 and procs[0].returncode == 1
+    assert procs[1].returncode == -9 and procs[0].returncode == 1
     assert err0.strip().startswith("error: rank 0 of 2 lost contact with the other ranks") and "Traceback" not in err0
     assert len(err0.strip().splitlines()) == 1
 
 
 def test_elastic_restart_resumes_and_matches(tmp_path):
-    """Rank 1 dies after step 20; torchrun restarts both from last.pt (saved every 8 steps) and finishes."""
+    """Rank 1 dies in step 20; torchrun restarts both from last.pt (saved every 8 steps) and finishes."""
     args = ["--config", SMOKE, "data.augment=[crop,flip]", "train.save_every_steps=8"]
     ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
-    env = env_for_tests(SCAFFOLD_TEST_CRASH_AT="1:20")
+    env = env_for_tests(SCAFFOLD_FAULT="step@20:1")  # SIGKILL in the middle of step 20
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env, extra=("--max-restarts=1",)))
     assert "resumed from" in proc.stdout and "at epoch 1 step 16" in proc.stdout
     assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)

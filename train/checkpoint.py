@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
 
+from train import faults
 from train.errors import UserError
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
@@ -77,17 +80,59 @@ def write_atomic(path: Path, data: bytes | None = None, payload: dict | None = N
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            if payload is not None:
-                torch.save(payload, f)
+            if payload is not None and faults.armed("ckpt_write"):
+                buf = io.BytesIO()
+                torch.save(payload, buf)
+                half = buf.tell() // 2
+                f.write(buf.getvalue()[:half])
+                f.flush()
+                faults.point("ckpt_write", f"({tmp} holds {half} of {buf.tell()} bytes)")
+                f.write(buf.getvalue()[half:])
+            elif payload is not None:
+                _save_reporting_os_errors(payload, f)
             else:
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if payload is not None:
+            faults.point("ckpt_rename", f"({tmp} complete, {path.name} not replaced)")
         os.replace(tmp, path)
+        if payload is not None:
+            faults.point("ckpt_renamed", f"({path} replaced)")
         _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _save_reporting_os_errors(payload: dict, f) -> None:
+    """torch.save into `f`; a failed write (no space, file too large) raises its OSError, not torch's
+    "unexpected pos" RuntimeError, so that the message can say what happened."""
+    failures: list[OSError] = []
+
+    class Recorder:
+        def write(self, chunk):
+            try:
+                return f.write(chunk)
+            except OSError as e:
+                failures.append(e)
+                raise
+
+        def flush(self):
+            f.flush()
+
+    try:
+        torch.save(payload, Recorder())
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
+
+
+def remove_temporary(folder: Path) -> None:
+    """Delete temporary files that a killed writer left behind (they are never read)."""
+    for stale in list(folder.glob(".*.tmp.*")) + list(folder.glob(".*.link.*")):
+        stale.unlink(missing_ok=True)
 
 
 def save(folder: Path, payload: dict, is_best: bool) -> Path:
@@ -123,7 +168,9 @@ def _link_atomic(src: Path, dst: Path) -> None:
 def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
     """Load a checkpoint with weights_only=True (no code runs from the file) and check its digest."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols; the refusal below says it all
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} not found") from None
     except Exception as e:

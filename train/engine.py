@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import checkpoint, config, data, models
+from train import checkpoint, config, data, faults, models
 from train.config import Config
 from train.distributed import Dist
 from train.errors import UserError
@@ -25,10 +25,6 @@ from train.logger import Logger
 
 EXIT_OK = 0
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after saving; rerun the same command to continue
-
-# Test-only fault injection: "RANK:STEP" makes that rank die (os._exit) after that optimizer
-# step, on the first attempt of a job only (torchrun restarts see TORCHELASTIC_RESTART_COUNT > 0).
-CRASH_ENV = "SCAFFOLD_TEST_CRASH_AT"
 
 
 class NonFiniteLoss(UserError):
@@ -102,6 +98,7 @@ def evaluate(model: nn.Module, loader, preprocess: data.Preprocess, dist: Dist, 
             out = model(preprocess.test(x))
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes * num_classes)
+        faults.point("eval")
     model.train(was_training)
     # one all-reduce of both sums: counts are exact integers, the loss a float64 sum
     packed = torch.cat([confusion.double(), loss_sum.view(1)])
@@ -149,7 +146,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg.optim, cfg.train.epochs, self.steps_per_epoch))
         self.amp = amp_dtype(cfg.train.amp, device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.preprocess = data.Preprocess(cfg.data.augment, device, cfg.model.channels_last)
         # each rank its own augmentation and dropout stream, all fixed by train.seed
@@ -196,6 +193,7 @@ class Trainer:
     def _resume(self):
         path, problems = None, []
         if self.dist.is_main and self.checkpoints.is_dir():
+            checkpoint.remove_temporary(self.checkpoints)  # left by a process killed while saving
             path, problems = checkpoint.find_resumable(self.checkpoints, self._fits)
         path, problems = self.dist.broadcast((path, problems))
         if path is None:
@@ -208,7 +206,7 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        if self.scaler is not None and payload.get("scaler"):
+        if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.progress = Progress(**payload["progress"])
         states = payload["rng"]
@@ -249,7 +247,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict(),
             "progress": asdict(self.progress),
             "rng": states,
             "config": config.to_dict(self.cfg),
@@ -315,7 +313,6 @@ class Trainer:
                                    p.epoch, start_batch=p.batch, workers=cfg.data.workers)
         self.net.train()
         start = self._tick = time.perf_counter()
-        crash = _crash_step(self.dist.rank)
         try:
             for images, labels in loader:
                 self._run_batch(images, labels)
@@ -323,9 +320,8 @@ class Trainer:
                 p.step += 1
                 if self.window == len(self.losses) or p.batch == self.steps_per_epoch:
                     self._log_window()
-                if p.step == crash:
-                    os._exit(13)
-                if cfg.train.save_every_steps and p.step % cfg.train.save_every_steps == 0:
+                periodic = cfg.train.save_every_steps and p.step % cfg.train.save_every_steps == 0
+                if periodic and p.batch < self.steps_per_epoch:  # the last batch's save follows evaluation
                     p.seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save()
@@ -346,13 +342,10 @@ class Trainer:
             out = self.net(x)
             loss = self.criterion(out, y)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
+        faults.point("step", f"(step {self.progress.step + 1})")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         loss = loss.detach()
         self.losses[self.window] = loss
@@ -388,10 +381,3 @@ class Trainer:
         self._tick = now
         self.window = 0
 
-
-def _crash_step(rank: int) -> int | None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    crash_rank, crash_step = (int(v) for v in spec.split(":"))
-    return crash_step if crash_rank == rank else None

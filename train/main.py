@@ -64,6 +64,9 @@ def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
     """
     launch = distributed.detect()
     set_threads(cfg, launch)
+    # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the checkpoint code
+    # reports in one line, instead of SIGXFSZ killing the process mid-save.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     own = stop is None
     stop = stop or StopFlag()
     stop.listen(cfg.dist.stop_signals)
