@@ -38,9 +38,10 @@ def train(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> su
     return run([sys.executable, MAIN, *args], cwd=cwd, env=env, timeout=timeout)
 
 
-def torchrun(nproc: int, *args, cwd: Path, env: dict | None = None, extra: tuple = (), timeout: float = 300):
+def torchrun(nproc: int, *args, cwd: Path, env: dict | None = None, extra: tuple = (), timeout: float = 300, script: Path = MAIN):
+    """`torchrun --nproc_per_node=N SCRIPT ARGS` (train/main.py unless told otherwise)."""
     return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}", *extra, MAIN, *args], cwd=cwd, env=env, timeout=timeout)
+                f"--master_port={free_port()}", *extra, script, *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def free_port() -> int:

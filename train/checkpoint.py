@@ -180,9 +180,15 @@ def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
         raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "model" not in payload or "digest" not in payload:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'digest' entries)")
-    if verify and digest(payload) != payload["digest"]:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the digest written with it")
+    if verify:
+        check_digest(payload, path)
     return payload
+
+
+def check_digest(payload: dict, path: Path) -> None:
+    """Raise CheckpointError when a loaded checkpoint's contents do not match the digest written with it."""
+    if digest(payload) != payload["digest"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the digest written with it")
 
 
 def find_resumable(folder: Path, check) -> tuple[Path | None, list[str]]:

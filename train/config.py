@@ -325,18 +325,32 @@ def _resolve_run_dir(cfg: Config) -> Config:
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, run_dir=run_dir))
 
 
-def from_files_and_overrides(config_file: str | Path | None, overrides: list[str]) -> Config:
-    tree: dict = {}
-    if config_file is not None:
-        _merge(tree, load_yaml(config_file), str(config_file))
+def _apply_overrides(tree: dict, overrides: list[str], sections: tuple[str, ...] | None = None) -> None:
     for text in overrides:
         section, key, value, raw = _parse_override(text)
+        if sections is not None and section not in sections:
+            raise ConfigError(f"override '{text}' changes '{section}', but only {', '.join(sections)} can be changed here")
         try:
             _merge(tree, {section: {key: value}}, "override")
         except ConfigError:
             if value == raw:
                 raise
             _merge(tree, {section: {key: raw}}, "override")  # the text as typed, e.g. a run name "2024" or "no"
+
+
+def from_files_and_overrides(config_file: str | Path | None, overrides: list[str]) -> Config:
+    tree: dict = {}
+    if config_file is not None:
+        _merge(tree, load_yaml(config_file), str(config_file))
+    _apply_overrides(tree, overrides)
+    return build(tree)
+
+
+def override(cfg: Config, overrides: list[str], sections: tuple[str, ...] | None = None) -> Config:
+    """`cfg` with `section.key=value` overrides, checked as on the command line; only `sections` when given."""
+    tree: dict = {}
+    _merge(tree, to_dict(cfg), "config")
+    _apply_overrides(tree, overrides, sections)
     return build(tree)
 
 

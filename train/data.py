@@ -31,6 +31,8 @@ from train.errors import UserError
 # Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# torchvision's CIFAR10 class names in label order (batches.meta's label_names): what the seed's models predict.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -205,7 +207,7 @@ def read_cifar10(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         with open(meta, "rb") as f:
             classes = list(pickle.load(f, encoding="latin1")["label_names"])
     else:
-        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        classes = list(CIFAR10_CLASSES)
     return arrays, classes
 
 
