@@ -105,6 +105,18 @@ def test_srun_variables_form_a_group_of_two(tmp_path):
     assert metrics(tmp_path / "run")[-1]["test_count"] == 256
 
 
+def test_network_interface_is_never_loopback():
+    """The interface gloo is pinned to across nodes: the one that reaches the master, else the main one."""
+    from train.distributed import interface_towards, ipv4_of
+
+    found = interface_towards("localhost")  # the master is this machine under a loopback name
+    if found is None:
+        pytest.skip("this machine has no network interface besides loopback")
+    name, address = found
+    assert name != "lo" and not address.startswith("127.") and ipv4_of(name) == address
+    assert interface_towards(address) == (name, address)  # the master at this machine's own address
+
+
 def test_a_lone_slurm_task_is_one_process():
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n1"}
     assert detect(env).launcher == "single"

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 from dataclasses import dataclass
 from typing import Iterator
@@ -106,6 +109,7 @@ class Dist:
     device: torch.device
     backend: str | None  # None: one process, no process group
     control: object = None  # a gloo group for CPU-side agreement (flags, objects) when the main backend is NCCL
+    interface: str | None = None  # the network interface the ranks talk over when they span nodes
 
     @property
     def rank(self) -> int:
@@ -205,6 +209,71 @@ def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
                          timeout=timeout, wait_for_workers=False)
 
 
+def ipv4_of(interface: str) -> str | None:
+    """The IPv4 address of a network interface (Linux SIOCGIFADDR), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", interface[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _default_route_interface() -> str | None:
+    try:
+        for line in open("/proc/net/route").read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == "00000000":
+                return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def interface_towards(host: str) -> tuple[str, str] | None:
+    """(interface, address) this machine uses to reach `host`, never the loopback one.
+
+    When `host` is this machine under a loopback name (Debian maps the own hostname to
+    127.0.1.1), the interface of the default route stands in, else the first one with an address.
+    """
+    try:
+        target = socket.gethostbyname(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # a UDP connect sends nothing; it only picks the route
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    names = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if not local.startswith("127."):
+        for name in names:
+            if ipv4_of(name) == local:
+                return name, local
+    for name in [_default_route_interface(), *names]:
+        address = ipv4_of(name) if name else None
+        if address and not address.startswith("127."):
+            return name, address
+    return None
+
+
+def _bind_to_network(launch: Launch) -> str | None:
+    """Across nodes, make gloo and NCCL use the interface that reaches the master, not loopback.
+
+    Gloo otherwise binds to what this host's name resolves to, which is 127.0.x.x on many
+    machines; the other nodes then cannot connect ("connectFullMesh failed"). A variable the
+    user set wins. Returns the interface used, for the log.
+    """
+    if launch.world_size <= launch.local_world_size:
+        return None  # one node: loopback is right
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    found = interface_towards(launch.master_addr)
+    if found is None:
+        return None
+    os.environ["GLOO_SOCKET_IFNAME"] = found[0]
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", found[0])
+    return found[0]
+
+
 @contextlib.contextmanager
 def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
           launch: Launch | None = None) -> Iterator[Dist]:
@@ -219,13 +288,14 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on the CPU")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    interface = _bind_to_network(launch)
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend=chosen, store=_store(launch, timeout), rank=launch.rank,
                             world_size=launch.world_size, timeout=timeout,
                             device_id=dev if chosen == "nccl" else None)
     try:
         control = dist.new_group(backend="gloo", timeout=timeout) if chosen != "gloo" else None
-        yield Dist(launch, dev, chosen, control)
+        yield Dist(launch, dev, chosen, control, interface)
         # leave together: a rank that tears down while another still sends can abort in gloo's destructors
         dist.barrier(group=control)
     finally:

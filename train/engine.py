@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import checkpoint, config, data, faults, models
+from train import checkpoint, config, data, distributed, faults, models
 from train.config import Config
 from train.distributed import Dist
 from train.errors import UserError
@@ -274,6 +275,9 @@ class Trainer:
             f"training {cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / {len(self.data.test)} test images) "
             f"on {self.dist.world_size} x {self.device} for {cfg.train.epochs} epochs of {self.steps_per_epoch} steps; "
             f"run folder {cfg.run_dir}")
+        if self.dist.world_size > self.dist.launch.local_world_size:  # several nodes: say where each rank talks
+            where = self.dist.gather(f"{socket.gethostname()} {self.dist.interface} {distributed.ipv4_of(self.dist.interface)}")
+            self.logger.info("network: " + ", ".join(f"rank {r} {w}" for r, w in enumerate(where or [])))
         while p.epoch < cfg.train.epochs:
             if self.train_one_epoch():
                 self.save()

@@ -52,9 +52,14 @@ class StopFlag:
 
 
 def set_threads(cfg: config.Config, launch: distributed.Launch) -> None:
-    """Ranks x threads = the cores this process may use, unless train.threads says otherwise."""
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cfg.train.threads or max(1, cores // launch.local_world_size))
+    """Ranks x threads = the cores this process may use, unless train.threads says otherwise.
+
+    Under SLURM a task gets SLURM_CPUS_PER_TASK cores even where no CPU binding shows in the affinity.
+    """
+    cores = len(os.sched_getaffinity(0)) // launch.local_world_size
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    torch.set_num_threads(cfg.train.threads or max(1, cores))
 
 
 def run(cfg: config.Config, stop: StopFlag | None = None) -> int:

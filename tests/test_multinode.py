@@ -1,0 +1,141 @@
+"""Across nodes for real: a 2-node SLURM on this machine (slurm/devcluster/up --nodes 2, network namespaces).
+
+Each node is a network namespace with its own address and hostname; the jobs below run gloo
+between them. The nodes share this machine's cores, so every task is given one core
+(--cpus-per-task=1) and the ranks do not oversubscribe it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SMOKE, env_for_tests, load, ok, run, torchrun, train
+from test_launch import job_id_of, sacct_state, slurm_problem, submit, wait_for
+
+
+def two_node_problem() -> str | None:
+    problem = slurm_problem()
+    if problem:
+        return problem
+    nodes = set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+    if len(nodes) >= 2:
+        return None
+    probe = subprocess.run(["ip", "netns", "add", "scaffold-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"network namespaces are not allowed here ({probe.stderr.strip() or 'ip netns failed'}): no 2-node cluster"
+    subprocess.run(["ip", "netns", "del", "scaffold-probe"], capture_output=True)
+    return f"the running dev cluster has {len(nodes)} node(s); start it with slurm/devcluster/up --nodes 2"
+
+
+pytestmark = pytest.mark.skipif(two_node_problem() is not None, reason=str(two_node_problem()))
+
+SBATCH_ENV = f"--export=ALL,PYTHON={sys.executable}"
+
+
+def sbatch(script: str, *args, options=(), export=SBATCH_ENV, out, timeout=300):
+    proc = run(["sbatch", "--wait", *options, export, f"--output={out}", REPO / "slurm" / script, *args],
+               cwd=REPO, env=env_for_tests(), timeout=timeout)
+    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    return proc, job
+
+
+def assert_close_to(reference, run_dir, exact=False):
+    a, b = load(reference / "checkpoints" / "last.pt")["model"], load(run_dir / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def only_rank_zero_wrote(run_dir):
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
+    assert [f for f in files if "tfevents" not in f] == [
+        "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/prev.pt", "config.yaml", "metrics.jsonl"]
+    assert len([f for f in files if "tfevents" in f]) == 2
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The same global batch in one process: what every multi-node run must reach."""
+    run_dir = tmp_path_factory.mktemp("mn") / "one"
+    ok(train("--config", SMOKE, f"log.run_dir={run_dir}", cwd=run_dir.parent))
+    return run_dir
+
+
+def network_line(log: str) -> list[tuple[str, str, str]]:
+    line = next(line for line in log.splitlines() if line.startswith("network: "))
+    return re.findall(r"rank \d+ (\S+) (\S+) (\S+)", line)
+
+
+def test_srun_path_across_two_nodes(one_process, tmp_path):
+    out = tmp_path / "job.out"
+    proc, job = sbatch("train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
+                       options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"), out=out)
+    log = out.read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "on 2 x cpu" in log and "done: test_acc" in log
+    bindings = network_line(log)  # each rank on its own node, on the namespace's interface, never loopback
+    assert [b[0] for b in bindings] == ["node1", "node2"]
+    assert all(iface != "lo" and addr.startswith("10.77.0.") for _, iface, addr in bindings), bindings
+    assert_close_to(one_process, tmp_path / "run")
+    only_rank_zero_wrote(tmp_path / "run")
+    assert wait_for(lambda: sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED")
+
+
+def test_torchrun_sbatch_two_nodes_two_processes_each(one_process, tmp_path):
+    out = tmp_path / "job.out"
+    proc, job = sbatch("torchrun.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
+                       options=("--nodes=2", "--cpus-per-task=2"), export=f"{SBATCH_ENV},NPROC_PER_NODE=2", out=out)
+    log = out.read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "on 4 x cpu" in log
+    assert [b[0] for b in network_line(log)] == ["node1", "node1", "node2", "node2"]
+    assert_close_to(one_process, tmp_path / "run")
+    only_rank_zero_wrote(tmp_path / "run")
+
+
+def test_launcher_two_node_job_survives_preemption(tmp_path):
+    args = ["--config", SMOKE, "data.synthetic_train=8192", "train.epochs=1", "log.every_steps=4",
+            "data.augment=[crop,flip]", "optim.schedule=step", "optim.warmup_epochs=0"]
+    ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
+    run_dir = tmp_path / "run"
+    proc = ok(submit(*args, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
+                     f"log.run_dir={run_dir}", cwd=tmp_path))
+    job = job_id_of(proc.stdout)
+    log = run_dir / "submitit" / f"{job}_0_log.out"
+    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step (8|12|16|20)/128", log.read_text(), re.M), 120, "training")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: "Requeued job" in log.read_text(), 60, "the requeue")
+    wait_for(lambda: sacct_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to end")
+    text = log.read_text()
+    assert sacct_state(job) == "COMPLETED", text[-3000:]
+    stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
+    assert text.count("network: rank 0 node1") == 2  # both runs of the job spanned the two nodes
+    assert_close_to(tmp_path / "straight", run_dir, exact=True)
+
+
+def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process, tmp_path):
+    out = tmp_path / "job.out"
+    args = ("--config", SMOKE, "train.save_every_steps=8", f"log.run_dir={tmp_path / 'run'}")
+    options = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
+    start = time.monotonic()
+    proc, job = sbatch("train.sbatch", *args, options=options, export=f"{SBATCH_ENV},SCAFFOLD_FAULT=step@20:1", out=out)
+    assert time.monotonic() - start < 90  # ended promptly, nobody left waiting for the dead rank
+    log = out.read_text()
+    assert proc.returncode != 0 and sacct_state(job) == "FAILED", log[-3000:]
+    assert "fault injected: SIGKILL at step (hit 20) on rank 1" in log
+    assert re.search(r"error: rank 0 of 2 lost contact with the other ranks|node2: task 1: Killed", log), log[-3000:]
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step"] == 16
+    rerun, _ = sbatch("train.sbatch", *args, options=options, out=tmp_path / "rerun.out")
+    text = (tmp_path / "rerun.out").read_text()
+    assert rerun.returncode == 0, text[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1 step 16" in text
+    assert_close_to(one_process, tmp_path / "run")
