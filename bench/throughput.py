@@ -51,8 +51,8 @@ def write_cifar_format(root: Path, n_train: int, n_test: int, seed: int = 0) -> 
     folder = root / data.CIFAR10_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    per = n_train // 5
-    for name, n in [(f, per) for f in data.CIFAR10_TRAIN_FILES] + [("test_batch", n_test)]:
+    sizes = [n_train // 5] * 4 + [n_train - 4 * (n_train // 5)]  # exactly n_train images over the five files
+    for name, n in list(zip(data.CIFAR10_TRAIN_FILES, sizes)) + [("test_batch", n_test)]:
         entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist(),
                  "batch_label": name, "filenames": [f"{i}.png" for i in range(n)]}
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
@@ -157,22 +157,19 @@ def timed(variant, steps: int, device: torch.device) -> float:
 def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdir: Path, extra: list[str]) -> dict:
     batch = 128
     n_train = steps * batch  # one trainer epoch == one round
-    root = workdir / "cifar"
-    if not (root / data.CIFAR10_FOLDER).is_dir():
-        write_cifar_format(root, n_train=max(n_train, 5 * batch), n_test=batch)
+    root = workdir / f"cifar_{name}"
+    write_cifar_format(root, n_train=n_train, n_test=batch)
     overrides = [f"model.name={name}", f"data.root={root}", f"data.cache_dir={workdir / 'cache'}", "data.download=false",
                  f"train.batch_size={batch}", f"train.device={device.type}", f"log.run_dir={workdir / ('run_' + name)}",
                  "log.graph=false", "log.progress=lines", *extra]
     cfg = config.from_files_and_overrides(config.DEFAULT_CONFIG, overrides)
     trainer = TrainerLoop(cfg, device)
-    if trainer.trainer.steps_per_epoch != steps:  # the file may hold more images than this model's rounds need
-        trainer.trainer.steps_per_epoch = steps
     ds = trainer.trainer.data
     hwc = ds.train.images[: n_train].permute(0, 2, 3, 1).contiguous().numpy()
     variants = {"limit": Limit(cfg, device), "trainer": trainer,
                 "seed": SeedLoop(cfg, device, hwc, ds.train.labels[: n_train].numpy())}
-    for v in variants.values():  # warm-up: allocator, kernels, compile, page cache
-        v.run(min(steps, 5)) if not isinstance(v, TrainerLoop) else None
+    for v in (variants["limit"], variants["seed"]):  # warm-up: allocator, kernels, compile (the trainer's is round 1)
+        v.run(min(steps, 5))
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternate who goes first
@@ -183,6 +180,26 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
     return {"model": name, "device": str(device), "batch": batch, "steps_per_round": steps, "rounds": rounds,
             "images_per_s": med, "samples": samples, "b_over_a": med["trainer"] / med["limit"],
             "b_over_c": med["trainer"] / med["seed"]}
+
+
+def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
+    """The limit of the seed's CNN under the defaults' alternatives: memory format, and bf16 autocast."""
+    base = ["model.name=cnn", f"train.device={device.type}", f"log.run_dir={workdir / 'choices'}"]
+    variants = {
+        "channels_last fp32 (default)": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["train.amp=fp32"]), device), 30),
+        "contiguous NCHW fp32": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["model.channels_last=false", "train.amp=fp32"]), device), 30),
+        "channels_last bf16 autocast": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["train.amp=bf16"]), device), 4),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for v, steps in variants.values():
+        v.run(2)
+    for r in range(rounds):
+        for key, (v, steps) in variants.items():
+            samples[key].append(timed(v, steps, device))
+        print(f"  choices round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    default = med["channels_last fp32 (default)"]
+    return {"device": str(device), "images_per_s": med, "relative_to_default": {k: v / default for k, v in med.items()}}
 
 
 # ---------------------------------------------------------------------------- DDP scaling
@@ -264,17 +281,24 @@ def main() -> int:
             steps = args.steps or (100 if name == "cnn" or device.type == "cuda" else 4)
             print(f"{name} on {results['machine']}: {args.rounds} rounds of {steps} steps per variant", flush=True)
             results["models"].append(bench_model(name, device, args.rounds, steps, Path(tmp), extra))
+        if "cnn" in args.models.split(","):
+            print("defaults: the CNN's limit with the alternatives", flush=True)
+            results["choices"] = bench_choices(device, 3, Path(tmp))
         if args.ddp_epochs:
             print("DDP scaling, gloo on the CPU (train/main.py under torchrun):", flush=True)
             results["ddp"] = ddp_scaling(Path(tmp), args.ddp_epochs)
 
     print(f"\nthroughput on {results['machine']} (torch {results['torch']}), images/s, medians:")
-    print(f"| model | device | batch | (a) limit | (b) trainer | (c) seed loop | b/a | b/c |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| model | device | batch | (a) limit | (b) trainer | (c) seed loop | b/a | b/c |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
         m = r["images_per_s"]
         print(f"| {r['model']} | {r['device']} | {r['batch']} | {m['limit']:.0f} | {m['trainer']:.0f} | {m['seed']:.0f} | "
               f"{r['b_over_a']:.3f} | {r['b_over_c']:.2f} |")
+    if "choices" in results:
+        c = results["choices"]
+        print(f"\ndefaults on {c['device']} (the CNN's limit, relative to the default): " +
+              ", ".join(f"{k} {v:.2f}x" for k, v in c["relative_to_default"].items()))
     if "ddp" in results:
         d = results["ddp"]
         print(f"\nDDP on the CPU (gloo): 1 process {d[1]['images_per_s']:.0f} img/s, 2 processes {d[2]['images_per_s']:.0f} img/s, "

@@ -59,6 +59,18 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_same_weights(a_path: Path, b_path: Path, exact: bool) -> None:
+    """Two checkpoints' weights: bit for bit, or at float32 summation tolerance (sums in another order:
+    one batch of 64 vs two of 32 and an all-reduce)."""
+    a, b = load(a_path)["model"], load(b_path)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The process failed with exactly one line on stderr, `error: ...`, and no traceback."""
     assert proc.returncode != 0, proc.stdout

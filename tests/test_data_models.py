@@ -194,3 +194,16 @@ def test_vgg16_frozen_features_only_train_the_classifier(vgg_weights, monkeypatc
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
     assert not any(k.startswith("features.") for k in changed)
+
+
+def test_compiled_model_checkpoints_keep_plain_keys(tmp_path):
+    """model.compile=true wraps the model for the step (OptimizedModule); checkpoints hold the plain module."""
+    from conftest import SMOKE
+    from train.engine import Trainer
+
+    cfg = config.from_files_and_overrides(SMOKE, ["model.compile=true", f"log.run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, ONE, stop=None)
+    assert type(trainer.net).__name__ == "OptimizedModule" and "_orig_mod.model.0.weight" in trainer.net.state_dict()
+    trainer.save()
+    keys = list(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"])
+    assert keys == list(models.SeedCNN().state_dict())

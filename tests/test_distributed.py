@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import MAIN, SMOKE, env_for_tests, free_port, load, ok, torchrun, train
+from conftest import MAIN, SMOKE, assert_same_weights, env_for_tests, free_port, load, ok, torchrun, train
 from train import data as data_mod
 from train import models
 from train.config import ModelConfig
@@ -22,17 +22,6 @@ from train.engine import evaluate
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_weights(a_path, b_path, exact: bool):
-    a, b = load(a_path)["model"], load(b_path)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            # float32 sums in a different order (one batch of 64 vs two of 32, then an all-reduce)
-            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
 
 
 def test_one_rank_equals_two(tmp_path):

@@ -98,18 +98,24 @@ def test_kill_9_then_rerun_equals_uninterrupted(where, reference, tmp_path):
     assert_same_run(reference, run_dir)
 
 
+@pytest.fixture(scope="module")
+def reference_two_ranks(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("faults") / "reference2"
+    ok(torchrun(2, *run_dir_args(run_dir), cwd=run_dir.parent))
+    return run_dir
+
+
 @pytest.mark.parametrize("fault, evidence", [
     ("ckpt_write@2:0", "SIGKILL at ckpt_write (hit 2) on rank 0"),
     ("step@20:1", "SIGKILL at step (hit 20) on rank 1 (step 20)"),
 ])
-def test_kill_9_of_one_rank_under_torchrun(fault, evidence, tmp_path):
-    straight, run_dir = tmp_path / "straight", tmp_path / "run"
-    ok(torchrun(2, *run_dir_args(straight), cwd=tmp_path))
+def test_kill_9_of_one_rank_under_torchrun(fault, evidence, reference_two_ranks, tmp_path):
+    run_dir = tmp_path / "run"
     killed = torchrun(2, *run_dir_args(run_dir), cwd=tmp_path, env=env_for_tests(SCAFFOLD_FAULT=fault))
     assert killed.returncode != 0 and f"fault injected: {evidence}" in killed.stderr
     proc = ok(torchrun(2, *run_dir_args(run_dir), cwd=tmp_path))
     assert "resumed from" in proc.stdout
-    assert_same_run(straight, run_dir)
+    assert_same_run(reference_two_ranks, run_dir)
 
 
 # ---------------------------------------------------------------------------- damaged checkpoints

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, SMOKE, env_for_tests, load, ok, one_error_line, run, torchrun
+from conftest import REPO, SMOKE, assert_same_weights, env_for_tests, load, ok, one_error_line, run, torchrun
 
 SUBMIT = REPO / "launch" / "submit.py"
 
@@ -51,6 +50,19 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.3):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sbatch(script: Path, *args, options=(), env=None, timeout: float = 300) -> tuple[str, str]:
+    """Submit a batch script from the repository root and wait for its end: (job id, final state).
+
+    Polls sacct: `sbatch --wait` backs off up to 30 s between its own checks.
+    """
+    proc = run(["sbatch", "--parsable", *options, script, *args], cwd=REPO, env=env or env_for_tests())
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    state = wait_for(lambda: (s := sacct_state(job)) not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "UNKNOWN") and s,
+                     timeout, f"job {job} to end")
+    return job, state
 
 
 def job_id_of(proc_stdout: str) -> str:
@@ -123,7 +135,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
     proc = ok(submit(*args, "--cluster", "slurm", "--tasks-per-node", "2", f"log.run_dir={run_dir}", cwd=tmp_path))
     job = job_id_of(proc.stdout)
     log = run_dir / "submitit" / f"{job}_0_log.out"
-    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step (8|12|16|20)/128", log.read_text(), re.M), 120, "training to start")
+    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/128", log.read_text(), re.M), 120, "training to start")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before the time limit
     wait_for(lambda: "Requeued job" in log.read_text(), 60, "submitit to requeue the job")
     # The requeued job starts after its BeginTime (cred_expire + 1 s: ~11 s on the dev cluster).
@@ -132,23 +144,19 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
     assert sacct_state(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
-    assert 8 <= stopped < 128
+    assert 4 <= stopped < 128
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
-    a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(run_dir / "checkpoints" / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
 
 @needs_slurm
 def test_plain_sbatch_script_trains(tmp_path):
     out = tmp_path / "job.out"
-    env = env_for_tests()
-    proc = run(["sbatch", "--wait", f"--export=ALL,PYTHON={sys.executable}", f"--output={out}", REPO / "slurm" / "train.sbatch",
-                "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}"], cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr + (out.read_text() if out.exists() else "")
-    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    job, state = sbatch(REPO / "slurm" / "train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
+                        options=(f"--export=ALL,PYTHON={sys.executable}", f"--output={out}"))
+    assert state == "COMPLETED", out.read_text()[-3000:] if out.exists() else state
     assert "done: test_acc" in out.read_text()
     assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
-    assert wait_for(lambda: sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED")
 
 
 @needs_slurm

@@ -13,10 +13,9 @@ import sys
 import time
 
 import pytest
-import torch
 
-from conftest import REPO, SMOKE, env_for_tests, load, ok, run, torchrun, train
-from test_launch import job_id_of, sacct_state, slurm_problem, submit, wait_for
+from conftest import REPO, SMOKE, assert_same_weights, load, ok, torchrun, train
+from test_launch import job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
 
 def two_node_problem() -> str | None:
@@ -38,20 +37,9 @@ pytestmark = pytest.mark.skipif(two_node_problem() is not None, reason=str(two_n
 SBATCH_ENV = f"--export=ALL,PYTHON={sys.executable}"
 
 
-def sbatch(script: str, *args, options=(), export=SBATCH_ENV, out, timeout=300):
-    proc = run(["sbatch", "--wait", *options, export, f"--output={out}", REPO / "slurm" / script, *args],
-               cwd=REPO, env=env_for_tests(), timeout=timeout)
-    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
-    return proc, job
-
-
-def assert_close_to(reference, run_dir, exact=False):
-    a, b = load(reference / "checkpoints" / "last.pt")["model"], load(run_dir / "checkpoints" / "last.pt")["model"]
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
+def batch(script: str, *args, options=(), export=SBATCH_ENV, out):
+    """slurm/SCRIPT ARGS submitted from the repository root; (job id, final state) once it ended."""
+    return sbatch(REPO / "slurm" / script, *args, options=(*options, export, f"--output={out}"))
 
 
 def only_rank_zero_wrote(run_dir):
@@ -76,28 +64,27 @@ def network_line(log: str) -> list[tuple[str, str, str]]:
 
 def test_srun_path_across_two_nodes(one_process, tmp_path):
     out = tmp_path / "job.out"
-    proc, job = sbatch("train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
+    job, state = batch("train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
                        options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"), out=out)
     log = out.read_text()
-    assert proc.returncode == 0, log[-3000:]
+    assert state == "COMPLETED", log[-3000:]
     assert "on 2 x cpu" in log and "done: test_acc" in log
     bindings = network_line(log)  # each rank on its own node, on the namespace's interface, never loopback
     assert [b[0] for b in bindings] == ["node1", "node2"]
     assert all(iface != "lo" and addr.startswith("10.77.0.") for _, iface, addr in bindings), bindings
-    assert_close_to(one_process, tmp_path / "run")
+    assert_same_weights(one_process / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=False)
     only_rank_zero_wrote(tmp_path / "run")
-    assert wait_for(lambda: sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED")
 
 
 def test_torchrun_sbatch_two_nodes_two_processes_each(one_process, tmp_path):
     out = tmp_path / "job.out"
-    proc, job = sbatch("torchrun.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
+    job, state = batch("torchrun.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
                        options=("--nodes=2", "--cpus-per-task=2"), export=f"{SBATCH_ENV},NPROC_PER_NODE=2", out=out)
     log = out.read_text()
-    assert proc.returncode == 0, log[-3000:]
+    assert state == "COMPLETED", log[-3000:]
     assert "on 4 x cpu" in log
     assert [b[0] for b in network_line(log)] == ["node1", "node1", "node2", "node2"]
-    assert_close_to(one_process, tmp_path / "run")
+    assert_same_weights(one_process / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=False)
     only_rank_zero_wrote(tmp_path / "run")
 
 
@@ -110,7 +97,7 @@ def test_launcher_two_node_job_survives_preemption(tmp_path):
                      f"log.run_dir={run_dir}", cwd=tmp_path))
     job = job_id_of(proc.stdout)
     log = run_dir / "submitit" / f"{job}_0_log.out"
-    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step (8|12|16|20)/128", log.read_text(), re.M), 120, "training")
+    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/128", log.read_text(), re.M), 120, "training")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_for(lambda: "Requeued job" in log.read_text(), 60, "the requeue")
     wait_for(lambda: sacct_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to end")
@@ -119,7 +106,7 @@ def test_launcher_two_node_job_survives_preemption(tmp_path):
     stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
     assert text.count("network: rank 0 node1") == 2  # both runs of the job spanned the two nodes
-    assert_close_to(tmp_path / "straight", run_dir, exact=True)
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
 
 def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process, tmp_path):
@@ -127,15 +114,15 @@ def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process,
     args = ("--config", SMOKE, "train.save_every_steps=8", f"log.run_dir={tmp_path / 'run'}")
     options = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
     start = time.monotonic()
-    proc, job = sbatch("train.sbatch", *args, options=options, export=f"{SBATCH_ENV},SCAFFOLD_FAULT=step@20:1", out=out)
-    assert time.monotonic() - start < 90  # ended promptly, nobody left waiting for the dead rank
+    job, state = batch("train.sbatch", *args, options=options, export=f"{SBATCH_ENV},SCAFFOLD_FAULT=step@20:1", out=out)
+    assert time.monotonic() - start < 60  # ended promptly, nobody left waiting for the dead rank
     log = out.read_text()
-    assert proc.returncode != 0 and sacct_state(job) == "FAILED", log[-3000:]
+    assert state == "FAILED", log[-3000:]
     assert "fault injected: SIGKILL at step (hit 20) on rank 1" in log
     assert re.search(r"error: rank 0 of 2 lost contact with the other ranks|node2: task 1: Killed", log), log[-3000:]
     assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step"] == 16
-    rerun, _ = sbatch("train.sbatch", *args, options=options, out=tmp_path / "rerun.out")
+    _, state = batch("train.sbatch", *args, options=options, out=tmp_path / "rerun.out")
     text = (tmp_path / "rerun.out").read_text()
-    assert rerun.returncode == 0, text[-3000:]
+    assert state == "COMPLETED", text[-3000:]
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1 step 16" in text
-    assert_close_to(one_process, tmp_path / "run")
+    assert_same_weights(one_process / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=False)

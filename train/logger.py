@@ -10,7 +10,6 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 

@@ -12,6 +12,7 @@ after saving (rerun to continue).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -82,6 +83,11 @@ def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
                 return trainer.fit()
             finally:
                 trainer.logger.close()
+                # DDP's reducer must go before its process group: freed after destroy_process_group,
+                # gloo's work objects can abort the process at exit ("terminate called without an
+                # active exception"; seen rarely at exit after torchrun restarts before this order)
+                del trainer
+                gc.collect()
     finally:
         if own:
             stop.restore()
