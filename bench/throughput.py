@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from train import config, data, engine, models
 from train.distributed import Dist, Launch
 
 REPO = Path(__file__).resolve().parent.parent
+CIFAR10_EPOCH_STEPS = 50000 // 128  # the defaults: a checkpoint every 390 steps
 
 
 # ---------------------------------------------------------------------------- data in the official format
@@ -86,16 +88,22 @@ class Limit:
 
 
 class TrainerLoop:
-    """(b) the trainer's own epoch loop, one short epoch per call, then the epoch-end checkpoint save."""
+    """(b) the trainer's own epoch loop, one epoch per call, then the epoch-end checkpoint save.
 
-    def __init__(self, cfg: config.Config, device: torch.device):
+    With fewer steps than a CIFAR-10 epoch (VGG16 on a CPU) the save is left out: once per few
+    steps it would weigh far more than once per 390 steps does in a real run.
+    """
+
+    def __init__(self, cfg: config.Config, device: torch.device, save: bool):
         self.trainer = engine.Trainer(cfg, Dist(Launch("single"), device, None), stop=_NeverStop())
+        self.save = save
 
     def run(self, steps: int) -> int:
         p = self.trainer.progress
         assert self.trainer.steps_per_epoch == steps
         self.trainer.train_one_epoch()
-        self.trainer.save()
+        if self.save:
+            self.trainer.save()
         p.epoch, p.batch = p.epoch + 1, 0
         return steps * self.trainer.batch
 
@@ -163,7 +171,7 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
                  f"train.batch_size={batch}", f"train.device={device.type}", f"log.run_dir={workdir / ('run_' + name)}",
                  "log.graph=false", "log.progress=lines", *extra]
     cfg = config.from_files_and_overrides(config.DEFAULT_CONFIG, overrides)
-    trainer = TrainerLoop(cfg, device)
+    trainer = TrainerLoop(cfg, device, save=steps >= CIFAR10_EPOCH_STEPS)
     ds = trainer.trainer.data
     hwc = ds.train.images[: n_train].permute(0, 2, 3, 1).contiguous().numpy()
     variants = {"limit": Limit(cfg, device), "trainer": trainer,
@@ -176,7 +184,7 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
         for key in order:
             samples[key].append(timed(variants[key], steps, device))
         print(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
-    med = {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in samples.items()}  # round 1 warms the trainer up
+    med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in samples.items()}  # round 1 warms up
     return {"model": name, "device": str(device), "batch": batch, "steps_per_round": steps, "rounds": rounds,
             "images_per_s": med, "samples": samples, "b_over_a": med["trainer"] / med["limit"],
             "b_over_c": med["trainer"] / med["seed"]}
@@ -204,14 +212,19 @@ def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
 
 # ---------------------------------------------------------------------------- DDP scaling
 
-def _peak_rss_mb(pid: int) -> float | None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """VmHWM (peak resident) and RssAnon (private, not file-backed: a copied dataset would show here)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "RssAnon")}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _children(pid: int) -> list[int]:
@@ -229,24 +242,27 @@ def ddp_scaling(workdir: Path, epochs: int) -> dict:
     out = {}
     for nproc in (1, 2):
         run_dir = workdir / f"ddp{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
                str(REPO / "train" / "main.py"), f"data.root={root}", f"data.cache_dir={workdir / 'cache'}",
                "data.download=false", f"train.epochs={epochs}", f"log.run_dir={run_dir}", "log.progress=lines",
                "log.graph=false"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         peaks: dict[int, float] = {}
+        anon: dict[int, float] = {}
         while proc.poll() is None:
             for rank, pid in enumerate(sorted(_children(proc.pid))):
-                rss = _peak_rss_mb(pid)
-                if rss is not None:
-                    peaks[rank] = max(peaks.get(rank, 0.0), rss)
+                mem = _memory_mb(pid)
+                if mem:
+                    peaks[rank] = max(peaks.get(rank, 0.0), mem["VmHWM"])
+                    anon[rank] = max(anon.get(rank, 0.0), mem["RssAnon"])
             time.sleep(0.2)
         log = proc.stdout.read()
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun with {nproc} process(es) failed:\n{log[-2000:]}")
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out[nproc] = {"images_per_s": statistics.median(m["images_per_s"] for m in lines),
-                      "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)]}
+                      "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)],
+                      "peak_anon_mb_per_rank": [round(anon[r]) for r in sorted(anon)]}
         print(f"  ddp {nproc} process(es): {out[nproc]}", flush=True)
     out["efficiency"] = out[2]["images_per_s"] / out[1]["images_per_s"]
     out["rank1_over_rank0_rss"] = out[2]["peak_rss_mb_per_rank"][1] / out[2]["peak_rss_mb_per_rank"][0]
@@ -266,8 +282,9 @@ def machine() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="cnn,vgg16")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=0, help="steps per round and variant (default: 100 for cnn, 4 for vgg16 on CPU)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up, the medians are over the rest")
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per round and variant (default: a CIFAR-10 epoch, 390; 4 for vgg16 on a CPU)")
     p.add_argument("--ddp-epochs", type=int, default=2, help="epochs of 50000 images per DDP run (0: skip DDP)")
     p.add_argument("--compile", action="store_true", help="torch.compile in the limit and trainer variants")
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -277,8 +294,8 @@ def main() -> int:
     results = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(), "models": []}
     extra = ["model.compile=true"] if args.compile else []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            steps = args.steps or (100 if name == "cnn" or device.type == "cuda" else 4)
+        for name in filter(None, args.models.split(",")):
+            steps = args.steps or (CIFAR10_EPOCH_STEPS if name == "cnn" or device.type == "cuda" else 4)
             print(f"{name} on {results['machine']}: {args.rounds} rounds of {steps} steps per variant", flush=True)
             results["models"].append(bench_model(name, device, args.rounds, steps, Path(tmp), extra))
         if "cnn" in args.models.split(","):
@@ -303,7 +320,9 @@ def main() -> int:
         d = results["ddp"]
         print(f"\nDDP on the CPU (gloo): 1 process {d[1]['images_per_s']:.0f} img/s, 2 processes {d[2]['images_per_s']:.0f} img/s, "
               f"efficiency {d['efficiency']:.3f}; peak RSS per rank: 1 process {d[1]['peak_rss_mb_per_rank']} MB, "
-              f"2 processes {d[2]['peak_rss_mb_per_rank']} MB (rank 1 / rank 0 = {d['rank1_over_rank0_rss']:.2f})")
+              f"2 processes {d[2]['peak_rss_mb_per_rank']} MB (rank 1 / rank 0 = {d['rank1_over_rank0_rss']:.2f}); "
+              f"of it private (not the shared dataset or libraries): {d[1]['peak_anon_mb_per_rank']} and "
+              f"{d[2]['peak_anon_mb_per_rank']} MB")
     Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwritten {args.json}")
     return 0

@@ -378,8 +378,10 @@ class Preprocess:
         self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return torch.addcmul(self.shift, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+        x = x.to(self.device, non_blocking=True)
+        # uint8 (or float) in, float out, written straight into the model's memory format: one pass
+        out = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, x, self.scale, out=out)
 
     def test(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalise(x)

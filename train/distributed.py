@@ -199,6 +199,9 @@ def _device(preference: str, launch: Launch) -> torch.device:
 
 def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
     """The rendezvous store: torchrun's agent serves one; otherwise rank 0 serves it at MASTER_ADDR:PORT."""
+    if launch.master_port == 0:  # torchrun --master_port=0 passes 0 on, not the port its store took
+        raise UserError("MASTER_PORT is 0, so the ranks cannot find the rendezvous store; give torchrun "
+                        "--master_port=<a free port> (or use --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT)")
     if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The agent's store outlives a restart of the workers. Without a prefix per attempt, the
         # restarted ranks read the dead ranks' gloo addresses and fail with "Connection refused".
