@@ -144,6 +144,20 @@ def write_cifar10(root: Path, per_batch: int = 100, test: int = 100, seed: int =
     return written
 
 
+# A run long enough to be signalled in the middle (64 steps of 2 x 32), with a learning-rate
+# schedule that does not depend on where it stops; the preemption tests compare against it.
+PREEMPTIBLE = ["--config", SMOKE, "data.synthetic_train=4096", "train.epochs=1", "log.every_steps=4",
+               "data.augment=[crop,flip]", "optim.schedule=step", "optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="session")
+def preemptible_reference(tmp_path_factory) -> Path:
+    """PREEMPTIBLE on 2 ranks, uninterrupted: the run folder whose last.pt preempted jobs must equal."""
+    run_dir = tmp_path_factory.mktemp("preemptible") / "straight"
+    ok(torchrun(2, *PREEMPTIBLE, f"log.run_dir={run_dir}", cwd=run_dir.parent))
+    return run_dir
+
+
 @pytest.fixture
 def smoke_args(tmp_path):
     """The smoke config with its run folder in the test's own folder."""

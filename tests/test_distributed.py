@@ -38,10 +38,12 @@ def test_one_rank_equals_two(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["test_acc"] - b["test_acc"]) <= 2 / 256
 
 
-def test_exact_evaluation_of_an_odd_test_set(tmp_path):
-    """101 test images on 2 ranks: 50 + 51, each counted once; the same accuracy as one process."""
-    run_dir = tmp_path / "run"
-    ok(torchrun(2, "--config", SMOKE, "data.synthetic_test=101", "train.epochs=1", f"log.run_dir={run_dir}", cwd=tmp_path))
+def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
+    """101 test images on 2 ranks: 50 + 51, each counted once, the same accuracy as one process;
+    one set of files in the run folder, and rank 1 printed nothing."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    ok(torchrun(2, "--config", SMOKE, "data.synthetic_test=101", "train.epochs=1", f"log.run_dir={run_dir}", cwd=tmp_path,
+                extra=("--log-dir", logs, "--redirects", "3")))
     logged = metrics(run_dir)[-1]
     assert logged["test_count"] == 101
     ckpt = load(run_dir / "checkpoints" / "last.pt")
@@ -53,12 +55,7 @@ def test_exact_evaluation_of_an_odd_test_set(tmp_path):
     assert result["count"] == 101
     assert result["correct"] == round(logged["test_acc"] * 101)
 
-
-def test_only_rank_zero_writes_and_prints(tmp_path):
-    logs = tmp_path / "logs"
-    ok(torchrun(2, "--config", SMOKE, "train.epochs=1", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path,
-                extra=("--log-dir", logs, "--redirects", "3")))
-    files = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     events = [f for f in files if "tfevents" in f]
     assert len(events) == 2, files  # the scalars, and add_hparams' own file: one writer, rank 0's
     assert [f for f in files if "tfevents" not in f] == [

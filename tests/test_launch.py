@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMOKE, assert_same_weights, env_for_tests, load, ok, one_error_line, run, torchrun
+from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, env_for_tests, load, ok, one_error_line, run
 
 SUBMIT = REPO / "launch" / "submit.py"
 
@@ -127,15 +127,12 @@ def test_slurm_two_task_job_completes_and_only_rank_zero_writes(tmp_path):
 
 
 @needs_slurm
-def test_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
-    args = ["--config", SMOKE, "data.synthetic_train=8192", "train.epochs=1", "log.every_steps=4",
-            "data.augment=[crop,flip]", "optim.schedule=step", "optim.warmup_epochs=0"]
-    ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
+def test_slurm_preemption_requeues_and_resumes_exactly(preemptible_reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = ok(submit(*args, "--cluster", "slurm", "--tasks-per-node", "2", f"log.run_dir={run_dir}", cwd=tmp_path))
+    proc = ok(submit(*PREEMPTIBLE, "--cluster", "slurm", "--tasks-per-node", "2", f"log.run_dir={run_dir}", cwd=tmp_path))
     job = job_id_of(proc.stdout)
     log = run_dir / "submitit" / f"{job}_0_log.out"
-    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/128", log.read_text(), re.M), 120, "training to start")
+    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/64", log.read_text(), re.M), 120, "training to start")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before the time limit
     wait_for(lambda: "Requeued job" in log.read_text(), 60, "submitit to requeue the job")
     # The requeued job starts after its BeginTime (cred_expire + 1 s: ~11 s on the dev cluster).
@@ -144,9 +141,9 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
     assert sacct_state(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
-    assert 4 <= stopped < 128
+    assert 4 <= stopped < 64
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
-    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
+    assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
 
 @needs_slurm

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SMOKE, assert_same_weights, load, ok, torchrun, train
+from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, train
 from test_launch import job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
 
@@ -88,16 +88,13 @@ def test_torchrun_sbatch_two_nodes_two_processes_each(one_process, tmp_path):
     only_rank_zero_wrote(tmp_path / "run")
 
 
-def test_launcher_two_node_job_survives_preemption(tmp_path):
-    args = ["--config", SMOKE, "data.synthetic_train=8192", "train.epochs=1", "log.every_steps=4",
-            "data.augment=[crop,flip]", "optim.schedule=step", "optim.warmup_epochs=0"]
-    ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
+def test_launcher_two_node_job_survives_preemption(preemptible_reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = ok(submit(*args, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
+    proc = ok(submit(*PREEMPTIBLE, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
                      f"log.run_dir={run_dir}", cwd=tmp_path))
     job = job_id_of(proc.stdout)
     log = run_dir / "submitit" / f"{job}_0_log.out"
-    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/128", log.read_text(), re.M), 120, "training")
+    wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/64", log.read_text(), re.M), 120, "training")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_for(lambda: "Requeued job" in log.read_text(), 60, "the requeue")
     wait_for(lambda: sacct_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to end")
@@ -106,7 +103,7 @@ def test_launcher_two_node_job_survives_preemption(tmp_path):
     stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
     assert text.count("network: rank 0 node1") == 2  # both runs of the job spanned the two nodes
-    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
+    assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
 
 def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process, tmp_path):

@@ -13,25 +13,36 @@ from conftest import REPO, SMOKE, load, ok, one_error_line, train
 
 
 def test_seed_cnn_learns_synthetic_data_to_90_percent(tmp_path):
-    """The default config (the seed's CNN, crop+flip) on the built-in synthetic data, four epochs."""
-    proc = ok(train("data.name=synthetic", "train.epochs=4", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    """The default config (the seed's CNN, crop+flip) on the built-in synthetic data, four epochs: what a
+    newcomer's first run writes (metrics, checkpoints, TensorBoard), and that rerunning it changes nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["data.name=synthetic", "train.epochs=4", f"log.run_dir={tmp_path / 'run'}"]
+    proc = ok(train(*args, cwd=tmp_path))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
     assert lines[0]["test_acc"] < 0.9 <= lines[-1]["test_acc"], lines  # it learned, it did not start there
     assert lines[-1]["test_count"] == 1000
     assert "done: test_acc" in proc.stdout
-    for name in ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/prev.pt"):
         assert (tmp_path / "run" / name).is_file(), name
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["config"]["model"]["name"] == "cnn" and ckpt["progress"]["epoch"] == 4
 
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("Loss/Train", "Loss/Test", "Accuracy/Test", "Accuracy/Train", "LearningRate", "Throughput/ImagesPerSecond"):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+    assert [e.step for e in acc.Scalars("Loss/Train")] == [1, 2, 3, 4]  # the seed's tags, per epoch
+    assert "Train/FirstBatch" in tags["images"]
+    assert tags["graph"]  # the model graph was written
+    assert len(list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))) >= 2  # add_hparams writes its own file
 
-def test_rerunning_a_finished_run_says_so(tmp_path, smoke_args):
-    ok(train(*smoke_args, "train.epochs=1", cwd=tmp_path))
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
-    proc = ok(train(*smoke_args, "train.epochs=1", cwd=tmp_path))
-    assert "already finished 1 epochs" in proc.stdout
+    again = ok(train(*args, cwd=tmp_path))
+    assert "already finished 4 epochs" in again.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -119,22 +130,6 @@ def test_readme_train_command_runs(tmp_path):
     proc = ok(train(*argv[2:], "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}", cwd=REPO))
     assert "done: test_acc" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
-
-
-def test_tensorboard_holds_the_seed_tags(tmp_path, smoke_args):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ok(train(*smoke_args, cwd=tmp_path))
-    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    for tag in ("Loss/Train", "Loss/Test", "Accuracy/Test", "Accuracy/Train", "LearningRate", "Throughput/ImagesPerSecond"):
-        assert tag in tags["scalars"], (tag, tags["scalars"])
-    assert [e.step for e in acc.Scalars("Loss/Train")] == [1, 2]
-    assert "Train/FirstBatch" in tags["images"]
-    assert tags["graph"]  # the model graph was written
-    hparams = [p for p in (tmp_path / "run" / "tb").rglob("events.out.tfevents.*")]
-    assert len(hparams) >= 2  # add_hparams writes its own event file
 
 
 def test_missing_cifar10_without_network_is_one_line(tmp_path):

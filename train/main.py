@@ -18,9 +18,9 @@ import signal
 import sys
 from collections.abc import Iterable
 
-import torch
-
-from train import config, distributed, engine
+# Only the config is imported up front: a typo is reported in a fraction of a second, before
+# torch loads (about 2 s); run() imports the rest.
+from train import config
 from train.errors import UserError
 
 
@@ -52,11 +52,13 @@ class StopFlag:
         self._previous.clear()
 
 
-def set_threads(cfg: config.Config, launch: distributed.Launch) -> None:
+def set_threads(cfg: config.Config, launch) -> None:
     """Ranks x threads = the cores this process may use, unless train.threads says otherwise.
 
     Under SLURM a task gets SLURM_CPUS_PER_TASK cores even where no CPU binding shows in the affinity.
     """
+    import torch
+
     cores = len(os.sched_getaffinity(0)) // launch.local_world_size
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]))
@@ -68,6 +70,8 @@ def run(cfg: config.Config, stop: StopFlag | None = None) -> int:
 
     The launcher's job passes its own StopFlag (listening for submitit's preemption signal too).
     """
+    from train import distributed, engine
+
     launch = distributed.detect()
     set_threads(cfg, launch)
     # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the checkpoint code
@@ -113,11 +117,13 @@ def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
             return 0
         return run(cfg, stop)
     except UserError as e:
-        launch = distributed.detect()
-        prefix = f"[rank {launch.rank}] " if launch.rank else ""
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        prefix = f"[rank {rank}] " if rank != "0" else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except (RuntimeError, torch.distributed.DistError) as e:
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        from train import distributed
+
         line = distributed.peer_failure(e, distributed.detect())
         if line is None:
             raise
