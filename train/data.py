@@ -10,7 +10,6 @@ whole batch on the training device.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from train.config import DataConfig
 from train.errors import UserError
@@ -311,7 +310,7 @@ def synthetic(n_train: int, n_test: int, n_classes: int = 10, seed: int = 0, siz
 # ---------------------------------------------------------------------------- loaders
 
 class _Batches(Dataset):
-    """A dataset whose items are whole batches: `ds[list_of_indices]` is one tensor index."""
+    """A dataset whose items are whole batches: `ds[index_tensor]` is one tensor index."""
 
     def __init__(self, split: Split):
         self.split = split
@@ -319,22 +318,27 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.split.images.device)
-        return self.split.images[idx], self.split.labels[idx]
+    def __getitem__(self, index: torch.Tensor):
+        index = index.to(self.split.images.device, non_blocking=True)
+        return self.split.images[index], self.split.labels[index]
 
 
-class _Skip:
-    """A batch sampler that starts at batch `start` (resuming in the middle of an epoch)."""
+class _IndexBatches:
+    """Batches of indices as tensor slices: the sample order is turned into one tensor per epoch,
+    so no Python code runs per sample in the training loop. `start` skips the batches a resumed
+    run has already trained on."""
 
-    def __init__(self, batches: BatchSampler, start: int):
-        self.batches, self.start = batches, start
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batches), self.start, None)
+    def __init__(self, order, batch: int, drop_last: bool, start: int = 0):
+        self.order, self.batch, self.drop_last, self.start = order, batch, drop_last, start
 
     def __len__(self) -> int:
-        return max(0, len(self.batches) - self.start)
+        n = len(self.order)
+        return max(0, (n // self.batch if self.drop_last else -(-n // self.batch)) - self.start)
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.order), dtype=torch.long)
+        for i in range(self.start, self.start + len(self)):
+            yield order[i * self.batch:(i + 1) * self.batch]
 
 
 def train_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int,
@@ -343,9 +347,8 @@ def train_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, 
     dataset = _Batches(split)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
-    batches = _Skip(BatchSampler(sampler, batch_per_rank, drop_last=True), start_batch)
-    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
-                      pin_memory=False, persistent_workers=False)
+    return DataLoader(dataset, sampler=_IndexBatches(sampler, batch_per_rank, drop_last=True, start=start_batch),
+                      batch_size=None, num_workers=workers)
 
 
 def steps_per_epoch(n: int, batch_per_rank: int, world_size: int) -> int:
@@ -356,7 +359,7 @@ def eval_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, w
     """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding."""
     n = len(split)
     share = range(n * rank // world_size, n * (rank + 1) // world_size)
-    return DataLoader(_Batches(split), sampler=BatchSampler(share, batch_per_rank, drop_last=False),
+    return DataLoader(_Batches(split), sampler=_IndexBatches(share, batch_per_rank, drop_last=False),
                       batch_size=None, num_workers=workers)
 
 
