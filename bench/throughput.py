@@ -10,7 +10,7 @@ All variants run in one process, interleaved round by round, so that the machine
            batch, dtype and memory format as the trainer. Nothing can feed the model faster.
   trainer  `train.engine.Trainer.train_one_epoch` at the project's defaults on CIFAR-format files
            read through the project's reader (cached, memory-mapped), with crop + flip, the log
-           line every 50 steps and a checkpoint save after each epoch, as `train/main.py` runs it.
+           line every 50 steps and a checkpoint save each epoch, as `train/main.py` runs it.
   seed     the seed notes' loop: a Dataset that decodes each image to PIL and applies ToTensor
            (what torchvision's CIFAR10 does per item), a DataLoader, SGD, contiguous NCHW float32.
 
@@ -88,8 +88,11 @@ class Limit:
 
 
 class TrainerLoop:
-    """(b) the trainer's own epoch loop, one epoch per call, then the epoch-end checkpoint save.
+    """(b) the trainer's own epoch loop, one epoch per call, with the checkpoint save of the epoch before.
 
+    As in a real run, the previous epoch's checkpoint is saved as the epoch starts: in the
+    trainer's thread on a CPU, by its background writer on a GPU while this epoch trains, and
+    the round ends only when that file is on disk, so every byte of the write is counted.
     With fewer steps than a CIFAR-10 epoch (VGG16 on a CPU) the save is left out: once per few
     steps it would weigh far more than once per 390 steps does in a real run.
     """
@@ -101,9 +104,10 @@ class TrainerLoop:
     def run(self, steps: int) -> int:
         p = self.trainer.progress
         assert self.trainer.steps_per_epoch == steps
-        self.trainer.train_one_epoch()
-        if self.save:
+        if self.save and p.step:
             self.trainer.save()
+        self.trainer.train_one_epoch()
+        self.trainer.writer.wait()
         p.epoch, p.batch = p.epoch + 1, 0
         return steps * self.trainer.batch
 
@@ -173,9 +177,9 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
     cfg = config.from_files_and_overrides(config.DEFAULT_CONFIG, overrides)
     trainer = TrainerLoop(cfg, device, save=steps >= CIFAR10_EPOCH_STEPS)
     ds = trainer.trainer.data
-    hwc = ds.train.images[: n_train].permute(0, 2, 3, 1).contiguous().numpy()
+    hwc = ds.train.images[: n_train].permute(0, 2, 3, 1).contiguous().cpu().numpy()  # on a GPU the trainer moved it there
     variants = {"limit": Limit(cfg, device), "trainer": trainer,
-                "seed": SeedLoop(cfg, device, hwc, ds.train.labels[: n_train].numpy())}
+                "seed": SeedLoop(cfg, device, hwc, ds.train.labels[: n_train].cpu().numpy())}
     for v in (variants["limit"], variants["seed"]):  # warm-up: allocator, kernels, compile (the trainer's is round 1)
         v.run(min(steps, 5))
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -193,11 +197,17 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
 def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
     """The limit of the seed's CNN under the defaults' alternatives: memory format, and bf16 autocast."""
     base = ["model.name=cnn", f"train.device={device.type}", f"log.run_dir={workdir / 'choices'}"]
-    variants = {
-        "channels_last fp32 (default)": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["train.amp=fp32"]), device), 30),
-        "contiguous NCHW fp32": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["model.channels_last=false", "train.amp=fp32"]), device), 30),
-        "channels_last bf16 autocast": (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + ["train.amp=bf16"]), device), 4),
+    default_amp = "bf16" if device.type == "cuda" else "fp32"  # what train.amp=auto picks
+    cpu = device.type == "cpu"
+    options = {  # name: (overrides, steps per round); bf16 on a CPU without bf16 units is slow: fewer steps
+        "channels_last fp32": (["train.amp=fp32"], 30 if cpu else 200),
+        "contiguous NCHW fp32": (["model.channels_last=false", "train.amp=fp32"], 30 if cpu else 200),
+        "channels_last bf16": (["train.amp=bf16"], 4 if cpu else 200),
+        "contiguous NCHW bf16": (["model.channels_last=false", "train.amp=bf16"], 4 if cpu else 200),
     }
+    default = f"channels_last {default_amp}"
+    variants = {k: (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + o), device), steps)
+                for k, (o, steps) in options.items()}
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for v, steps in variants.values():
         v.run(2)
@@ -206,8 +216,8 @@ def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
             samples[key].append(timed(v, steps, device))
         print(f"  choices round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    default = med["channels_last fp32 (default)"]
-    return {"device": str(device), "images_per_s": med, "relative_to_default": {k: v / default for k, v in med.items()}}
+    return {"device": str(device), "default": default, "images_per_s": med,
+            "relative_to_default": {k: v / med[default] for k, v in med.items()}}
 
 
 # ---------------------------------------------------------------------------- DDP scaling
@@ -314,7 +324,7 @@ def main() -> int:
               f"{r['b_over_a']:.3f} | {r['b_over_c']:.2f} |")
     if "choices" in results:
         c = results["choices"]
-        print(f"\ndefaults on {c['device']} (the CNN's limit, relative to the default): " +
+        print(f"\ndefaults on {c['device']} (the CNN's limit, relative to the default, {c['default']}): " +
               ", ".join(f"{k} {v:.2f}x" for k, v in c["relative_to_default"].items()))
     if "ddp" in results:
         d = results["ddp"]

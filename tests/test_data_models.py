@@ -99,21 +99,24 @@ def test_synthetic_is_deterministic_and_balanced():
 
 
 def test_batched_crop_and_flip_match_per_image_definitions():
-    """Each output image is a 32x32 window of the zero-padded input, mirrored or not."""
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = data.crop_and_flip(x, 4, torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(0)
-    dy, dx = torch.randint(0, 9, (64,), generator=gen), torch.randint(0, 9, (64,), generator=gen)
-    mirrored = torch.rand(64, generator=gen) < 0.5
+    """Each output image is a 32x32 window of the zero-padded input, mirrored or not; the choices vary."""
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
     padded = nn.functional.pad(x, (4, 4, 4, 4))
-    for i in range(64):
-        window = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
-        assert torch.equal(out[i], window.flip(2) if mirrored[i] else window)
-    assert 10 < int(mirrored.sum()) < 54 and len(set(zip(dy.tolist(), dx.tolist()))) > 20
-    flipped = data.crop_and_flip(x, 4, torch.Generator().manual_seed(1), crop=False)
-    for i in range(64):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
-    assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
+    crop_flip = data.CropFlip(32, 32, pad=4, flip=True, device=torch.device("cpu"))
+    out = crop_flip(x, torch.Generator().manual_seed(0)).clone()
+    choices = set()
+    for i in range(256):
+        found = [(dy, dx, m) for dy in range(9) for dx in range(9) for m in (False, True)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32].flip(2) if m else padded[i, :, dy:dy + 32, dx:dx + 32])]
+        assert found, f"image {i} is no window of its padded input"
+        choices.add(found[0])
+    assert len({(dy, dx) for dy, dx, _ in choices}) > 60 and {m for _, _, m in choices} == {False, True}
+    again = crop_flip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # the same generator state, the same batch; the kept buffers hold no stale pixels
+    flip_only = data.CropFlip(32, 32, pad=0, flip=True, device=torch.device("cpu"))(x, torch.Generator().manual_seed(1))
+    for i in range(256):
+        assert torch.equal(flip_only[i], x[i]) or torch.equal(flip_only[i], x[i].flip(2))
+    assert not torch.equal(flip_only, x) and not torch.equal(flip_only, x.flip(3))
 
 
 def test_preprocess_normalises_with_cifar10_statistics():

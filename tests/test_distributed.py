@@ -159,8 +159,11 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)  # float64 partial sums, added in another order
 
 
-def test_single_process_sigterm_exits_75(tmp_path):
-    args = ["--config", SMOKE, "data.synthetic_train=4096", "log.every_steps=2", f"log.run_dir={tmp_path / 'run'}"]
+@pytest.mark.parametrize("background", ["never", "always"])
+def test_single_process_sigterm_exits_75(tmp_path, background):
+    """The stop signal's checkpoint is on disk before the process says so, also from the background writer."""
+    args = ["--config", SMOKE, "data.synthetic_train=4096", "log.every_steps=2", f"log.run_dir={tmp_path / 'run'}",
+            f"train.save_in_background={background}"]
     proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=tmp_path, env=env_for_tests(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:

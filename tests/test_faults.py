@@ -71,9 +71,19 @@ KILLS = {
 
 @pytest.mark.parametrize("where", list(KILLS))
 def test_kill_9_then_rerun_equals_uninterrupted(where, reference, tmp_path):
+    kill_and_rerun(where, reference, tmp_path)
+
+
+@pytest.mark.parametrize("where", [k for k in KILLS if k.startswith("checkpoint")])
+def test_kill_9_in_a_background_write_then_rerun_equals_uninterrupted(where, reference, tmp_path):
+    """The writer thread used on GPUs (forced here on the CPU): a kill inside its write loses nothing either."""
+    kill_and_rerun(where, reference, tmp_path, "train.save_in_background=always")
+
+
+def kill_and_rerun(where: str, reference: Path, tmp_path: Path, *extra: str) -> None:
     fault, evidence, saved_step = KILLS[where]
     run_dir = tmp_path / "run"
-    killed = train(*run_dir_args(run_dir), cwd=tmp_path, env=env_for_tests(SCAFFOLD_FAULT=fault))
+    killed = train(*run_dir_args(run_dir), *extra, cwd=tmp_path, env=env_for_tests(SCAFFOLD_FAULT=fault))
     assert killed.returncode == -9, killed.stderr
     last_line = killed.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"fault injected: {evidence}"), last_line
@@ -93,7 +103,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(where, reference, tmp_path):
         assert not temporary
     if fault.startswith("eval"):
         assert not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir)
-    proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
+    proc = ok(train(*run_dir_args(run_dir), *extra, cwd=tmp_path))
     assert f"resumed from {ckpts / 'last.pt'} at epoch {saved_step // 16} step {saved_step}" in proc.stdout
     assert_same_run(reference, run_dir)
 
@@ -181,7 +191,9 @@ def test_no_good_checkpoint_is_refused_with_instructions(reference, tmp_path):
 
 # ---------------------------------------------------------------------------- full disk
 
-def test_file_size_limit_keeps_the_previous_checkpoint(reference, tmp_path):
+@pytest.mark.parametrize("background", ["never", "always"])
+def test_file_size_limit_keeps_the_previous_checkpoint(background, tmp_path):
+    """In the trainer's thread or the background writer's, a failed write stops the run with one line."""
     run_dir = tmp_path / "run"
     ok(train(*run_dir_args(run_dir), "train.epochs=1", cwd=tmp_path))
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
@@ -190,7 +202,8 @@ def test_file_size_limit_keeps_the_previous_checkpoint(reference, tmp_path):
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "train" / "main.py"), *map(str, run_dir_args(run_dir))],
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "train" / "main.py"), *map(str, run_dir_args(run_dir)),
+                           f"train.save_in_background={background}"],
                           cwd=tmp_path, env=env_for_tests(), capture_output=True, text=True, preexec_fn=limited, timeout=300)
     line = one_error_line(proc)
     assert line.startswith(f"error: could not write checkpoint in {run_dir / 'checkpoints'} (File too large)")

@@ -109,6 +109,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads per rank; 0: the cores this process may use divided by the ranks on this node
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     save_every_steps: int = 0  # also write last.pt every N optimizer steps (0: at the end of each epoch only)
+    save_in_background: str = "auto"  # write checkpoints on a thread of their own. auto: on CUDA (the CPU is idle while the GPU trains), not on the CPU (it would take cores from training) | always | never
 
     def __post_init__(self):
         _at_least("train.epochs", self.epochs, 0)
@@ -117,6 +118,7 @@ class TrainConfig:
         _between("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _at_least("train.save_every_steps", self.save_every_steps, 0)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
+        _choice("train.save_in_background", self.save_in_background, ("auto", "always", "never"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config key 'train.device' must be auto, cpu or cuda, got {self.device!r}")
 
@@ -167,7 +169,7 @@ class Config:
 # Keys that may differ between a run folder's config and the config that resumes it:
 # where and how the run executes, not what it computes.
 RESUMABLE_CHANGES = frozenset({
-    "train.epochs", "train.device", "train.threads", "train.save_every_steps",
+    "train.epochs", "train.device", "train.threads", "train.save_every_steps", "train.save_in_background",
     "data.root", "data.download", "data.cache_dir", "data.workers",
     "dist.backend", "dist.timeout_s", "dist.stop_signals",
     "log.every_steps", "log.progress", "log.tensorboard", "log.graph",

@@ -155,6 +155,8 @@ class Trainer:
         self.gen.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 1)
         torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 2)
 
+        background = cfg.train.save_in_background == "always" or (cfg.train.save_in_background == "auto" and device.type == "cuda")
+        self.writer = checkpoint.Writer(background=background and dist.is_main)
         self.progress = Progress()
         self.resumed_from = self._resume()
         self.logger = Logger(cfg, dist.is_main, self.progress.epoch)
@@ -167,7 +169,9 @@ class Trainer:
         self.net = net
         # the loss of every step until the next log line, kept on the device (no sync per step)
         self.losses = torch.zeros(cfg.log.every_steps, device=device)
-        self.window = 0
+        self.correct = torch.zeros(cfg.log.every_steps, dtype=torch.int64, device=device)
+        self.window = 0  # steps in the buffers since the last log line
+        self.folded = 0  # of those, steps already added to self.sums
         # this epoch's running sums; a checkpoint holds their all-rank total, which rank 0 carries on with
         sums = self.progress.sums if dist.is_main else [0.0, 0.0, 0.0]
         self.sums = torch.tensor(sums, dtype=torch.float64, device=device)
@@ -240,6 +244,7 @@ class Trainer:
         """Every rank hands its random state to rank 0, which writes last.pt (and best.pt)."""
         self._check_finite()
         states = self.dist.gather({k: v.cpu() for k, v in self._rng_state().items()})
+        self._fold()
         sums = self.dist.all_reduce_sum(self.sums.clone()).tolist()
         if not self.dist.is_main:
             return
@@ -256,11 +261,21 @@ class Trainer:
             "preprocess": {"image_size": self.data.train.images.shape[-1],
                            "mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)},
         }
-        checkpoint.save(self.checkpoints, payload, is_best)
+        self.writer.save(self.checkpoints, payload, is_best)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
+        """Train to `train.epochs`; the last checkpoint is on disk when this returns or raises."""
+        try:
+            code = self._fit()
+        except BaseException:
+            self.writer.wait(raise_error=False)  # a write in flight holds a good state: let it land
+            raise
+        self.writer.wait()
+        return code
+
+    def _fit(self) -> int:
         cfg, p = self.cfg, self.progress
         if self.dist.is_main:
             (cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -281,6 +296,7 @@ class Trainer:
         while p.epoch < cfg.train.epochs:
             if self.train_one_epoch():
                 self.save()
+                self.writer.wait()
                 self.logger.info(f"stopped by signal at epoch {p.epoch} step {p.step}; saved {self.checkpoints / checkpoint.LAST}. "
                                  f"Rerun the same command to continue")
                 return EXIT_STOPPED
@@ -302,8 +318,10 @@ class Trainer:
             self.logger.epoch(metrics)
             self.save(is_best)
             if self.dist.any(self.stop.requested):
+                self.writer.wait()
                 self.logger.info(f"stopped by signal after epoch {p.epoch}; rerun the same command to continue")
                 return EXIT_STOPPED
+        self.writer.wait()
         self.logger.hparams(config.flatten(cfg), {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
                                                   "best_test_acc": p.best_acc})
         self.logger.info(f"done: test_acc {metrics['test_acc']:.4f} (best {p.best_acc:.4f}); "
@@ -351,13 +369,18 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        loss = loss.detach()
-        self.losses[self.window] = loss
+        self.losses[self.window] = loss.detach()
+        self.correct[self.window] = (out.argmax(1) == y).sum()
         self.window += 1
-        n = y.shape[0]
-        self.sums[0] += loss.double() * n
-        self.sums[1] += (out.argmax(1) == y).sum()
-        self.sums[2] += n
+
+    def _fold(self) -> None:
+        """Add the steps since the last fold to this epoch's sums (loss, correct, images): no host sync."""
+        new = slice(self.folded, self.window)
+        if new.start < new.stop:
+            self.sums[0] += self.losses[new].double().sum() * self.batch  # every training batch is full
+            self.sums[1] += self.correct[new].sum()
+            self.sums[2] += (new.stop - new.start) * self.batch
+            self.folded = self.window
 
     def _check_finite(self) -> None:
         """Stop, naming the step, if any rank saw a non-finite loss since the last check (a sync point)."""
@@ -369,6 +392,7 @@ class Trainer:
         p = self.progress
         first = p.step - self.window + 1 + int(bad.nonzero()[0]) if local else p.step
         kind = f"{values[bad][0].item()}" if local else "non-finite"
+        self.writer.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
         last = self.checkpoints / checkpoint.LAST
         saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
         raise NonFiniteLoss(f"loss became {kind} at step {first} (epoch {p.epoch + 1}); stopped without saving, {saved}. "
@@ -376,6 +400,7 @@ class Trainer:
 
     def _log_window(self) -> None:
         self._check_finite()
+        self.writer.check()  # a background write that failed stops the run here
         now = time.perf_counter()
         p = self.progress
         mean_loss = self.losses[:self.window].mean().item()
@@ -383,5 +408,6 @@ class Trainer:
         self.logger.step(p.epoch + 1, p.batch, self.steps_per_epoch, p.step, mean_loss,
                          self.scheduler.get_last_lr()[0], images / max(now - self._tick, 1e-9))
         self._tick = now
-        self.window = 0
+        self._fold()
+        self.window = self.folded = 0
 
