@@ -318,8 +318,7 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: torch.Tensor):
-        index = index.to(self.split.images.device, non_blocking=True)
+    def __getitem__(self, index: torch.Tensor):  # on the split's device already (_IndexBatches)
         return self.split.images[index], self.split.labels[index]
 
 
@@ -345,13 +344,9 @@ class _IndexBatches:
 def train_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int,
                  epoch: int, start_batch: int = 0, workers: int = 0) -> DataLoader:
     """This rank's batches of one epoch: shuffled by (seed, epoch), split across ranks, full batches only."""
-    dataset = _Batches(split)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
-    if split.images.is_cuda:
-        workers = 0  # the batches are GPU tensor slices already; forked workers cannot touch CUDA tensors
-    batches = _IndexBatches(sampler, batch_per_rank, drop_last=True, start=start_batch, device=split.images.device)
-    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers)
+    return _loader(split, sampler, batch_per_rank, drop_last=True, start=start_batch, workers=workers)
 
 
 def steps_per_epoch(n: int, batch_per_rank: int, world_size: int) -> int:
@@ -362,9 +357,13 @@ def eval_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, w
     """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding."""
     n = len(split)
     share = range(n * rank // world_size, n * (rank + 1) // world_size)
+    return _loader(split, share, batch_per_rank, drop_last=False, start=0, workers=workers)
+
+
+def _loader(split: Split, order, batch: int, drop_last: bool, start: int, workers: int) -> DataLoader:
     if split.images.is_cuda:
-        workers = 0
-    batches = _IndexBatches(share, batch_per_rank, drop_last=False, device=split.images.device)
+        workers = 0  # the batches are GPU tensor slices already; forked workers cannot touch CUDA tensors
+    batches = _IndexBatches(order, batch, drop_last, start, device=split.images.device)
     return DataLoader(_Batches(split), sampler=batches, batch_size=None, num_workers=workers)
 
 
@@ -387,7 +386,7 @@ class Preprocess:
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
         self.crop_flip: CropFlip | None = None
-        self.outputs: dict[tuple[int, ...], torch.Tensor] = {}
+        self.outputs: dict[torch.Size, torch.Tensor] = {}
 
     def _normalise(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -403,13 +402,13 @@ class Preprocess:
         """The returned tensor is overwritten by the next call: the model has used it by then."""
         x = x.to(self.device, non_blocking=True)
         if "crop" in self.augment or "flip" in self.augment:
-            b, c, h, w = x.shape
+            h, w = x.shape[-2:]
             if self.crop_flip is None or self.crop_flip.size != (h, w):
                 self.crop_flip = CropFlip(h, w, self.pad if "crop" in self.augment else 0, "flip" in self.augment, self.device)
             x = self.crop_flip(x, gen)
-        out = self.outputs.get(tuple(x.shape))
+        out = self.outputs.get(x.shape)
         if out is None:
-            out = self.outputs[tuple(x.shape)] = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
+            out = self.outputs[x.shape] = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
         if "grayscale" not in self.augment and "jitter" not in self.augment:
             return self._normalise(x, out)
         x = x.float()
@@ -439,7 +438,7 @@ class CropFlip:
         table = [((dy + rows) * width + dx + (w - 1 - cols if mirrored else cols)).reshape(-1)
                  for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for mirrored in ((False, True) if flip else (False,))]
         self.table = torch.stack(table)  # (choices, H * W) int64
-        self.buffers: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.buffers: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b, c, h, w = x.shape
