@@ -48,6 +48,7 @@ CIFAR10_EPOCH_STEPS = 50000 // 128  # the defaults: a checkpoint every 390 steps
 
 # ---------------------------------------------------------------------------- data in the official format
 
+
 def write_cifar_format(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     """Random images in CIFAR-10's python layout (5 training pickles, a test pickle, batches.meta)."""
     folder = root / data.CIFAR10_FOLDER
@@ -55,13 +56,18 @@ def write_cifar_format(root: Path, n_train: int, n_test: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     sizes = [n_train // 5] * 4 + [n_train - 4 * (n_train // 5)]  # exactly n_train images over the five files
     for name, n in list(zip(data.CIFAR10_TRAIN_FILES, sizes)) + [("test_batch", n_test)]:
-        entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist(),
-                 "batch_label": name, "filenames": [f"{i}.png" for i in range(n)]}
+        entry = {
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n).tolist(),
+            "batch_label": name,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
 
 
 # ---------------------------------------------------------------------------- the three variants
+
 
 class Limit:
     """(a) forward + backward + step on a batch that already sits on the device, normalised, in the trainer's format."""
@@ -171,15 +177,27 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
     n_train = steps * batch  # one trainer epoch == one round
     root = workdir / f"cifar_{name}"
     write_cifar_format(root, n_train=n_train, n_test=batch)
-    overrides = [f"model.name={name}", f"data.root={root}", f"data.cache_dir={workdir / 'cache'}", "data.download=false",
-                 f"train.batch_size={batch}", f"train.device={device.type}", f"log.run_dir={workdir / ('run_' + name)}",
-                 "log.graph=false", "log.progress=lines", *extra]
+    overrides = [
+        f"model.name={name}",
+        f"data.root={root}",
+        f"data.cache_dir={workdir / 'cache'}",
+        "data.download=false",
+        f"train.batch_size={batch}",
+        f"train.device={device.type}",
+        f"log.run_dir={workdir / ('run_' + name)}",
+        "log.graph=false",
+        "log.progress=lines",
+        *extra,
+    ]
     cfg = config.from_files_and_overrides(config.DEFAULT_CONFIG, overrides)
     trainer = TrainerLoop(cfg, device, save=steps >= CIFAR10_EPOCH_STEPS)
     ds = trainer.trainer.data
-    hwc = ds.train.images[: n_train].permute(0, 2, 3, 1).contiguous().cpu().numpy()  # on a GPU the trainer moved it there
-    variants = {"limit": Limit(cfg, device), "trainer": trainer,
-                "seed": SeedLoop(cfg, device, hwc, ds.train.labels[: n_train].cpu().numpy())}
+    hwc = ds.train.images[:n_train].permute(0, 2, 3, 1).contiguous().cpu().numpy()  # on a GPU the trainer moved it there
+    variants = {
+        "limit": Limit(cfg, device),
+        "trainer": trainer,
+        "seed": SeedLoop(cfg, device, hwc, ds.train.labels[:n_train].cpu().numpy()),
+    }
     for v in (variants["limit"], variants["seed"]):  # warm-up: allocator, kernels, compile (the trainer's is round 1)
         v.run(min(steps, 5))
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -189,9 +207,17 @@ def bench_model(name: str, device: torch.device, rounds: int, steps: int, workdi
             samples[key].append(timed(variants[key], steps, device))
         print(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
     med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in samples.items()}  # round 1 warms up
-    return {"model": name, "device": str(device), "batch": batch, "steps_per_round": steps, "rounds": rounds,
-            "images_per_s": med, "samples": samples, "b_over_a": med["trainer"] / med["limit"],
-            "b_over_c": med["trainer"] / med["seed"]}
+    return {
+        "model": name,
+        "device": str(device),
+        "batch": batch,
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "images_per_s": med,
+        "samples": samples,
+        "b_over_a": med["trainer"] / med["limit"],
+        "b_over_c": med["trainer"] / med["seed"],
+    }
 
 
 def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
@@ -206,8 +232,10 @@ def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
         "contiguous NCHW bf16": (["model.channels_last=false", "train.amp=bf16"], 4 if cpu else 200),
     }
     default = f"channels_last {default_amp}"
-    variants = {k: (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + o), device), steps)
-                for k, (o, steps) in options.items()}
+    variants = {
+        k: (Limit(config.from_files_and_overrides(config.DEFAULT_CONFIG, base + o), device), steps)
+        for k, (o, steps) in options.items()
+    }
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for v, steps in variants.values():
         v.run(2)
@@ -216,11 +244,16 @@ def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
             samples[key].append(timed(v, steps, device))
         print(f"  choices round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"device": str(device), "default": default, "images_per_s": med,
-            "relative_to_default": {k: v / med[default] for k, v in med.items()}}
+    return {
+        "device": str(device),
+        "default": default,
+        "images_per_s": med,
+        "relative_to_default": {k: v / med[default] for k, v in med.items()},
+    }
 
 
 # ---------------------------------------------------------------------------- DDP scaling
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -252,10 +285,21 @@ def ddp_scaling(workdir: Path, epochs: int) -> dict:
     out = {}
     for nproc in (1, 2):
         run_dir = workdir / f"ddp{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-               str(REPO / "train" / "main.py"), f"data.root={root}", f"data.cache_dir={workdir / 'cache'}",
-               "data.download=false", f"train.epochs={epochs}", f"log.run_dir={run_dir}", "log.progress=lines",
-               "log.graph=false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}",
+            str(REPO / "train" / "main.py"),
+            f"data.root={root}",
+            f"data.cache_dir={workdir / 'cache'}",
+            "data.download=false",
+            f"train.epochs={epochs}",
+            f"log.run_dir={run_dir}",
+            "log.progress=lines",
+            "log.graph=false",
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         peaks: dict[int, float] = {}
         anon: dict[int, float] = {}
@@ -270,9 +314,11 @@ def ddp_scaling(workdir: Path, epochs: int) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun with {nproc} process(es) failed:\n{log[-2000:]}")
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        out[nproc] = {"images_per_s": statistics.median(m["images_per_s"] for m in lines),
-                      "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)],
-                      "peak_anon_mb_per_rank": [round(anon[r]) for r in sorted(anon)]}
+        out[nproc] = {
+            "images_per_s": statistics.median(m["images_per_s"] for m in lines),
+            "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)],
+            "peak_anon_mb_per_rank": [round(anon[r]) for r in sorted(anon)],
+        }
         print(f"  ddp {nproc} process(es): {out[nproc]}", flush=True)
     out["efficiency"] = out[2]["images_per_s"] / out[1]["images_per_s"]
     out["rank1_over_rank0_rss"] = out[2]["peak_rss_mb_per_rank"][1] / out[2]["peak_rss_mb_per_rank"][0]
@@ -281,11 +327,18 @@ def ddp_scaling(workdir: Path, epochs: int) -> dict:
 
 # ---------------------------------------------------------------------------- main
 
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
@@ -293,8 +346,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="cnn,vgg16")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up, the medians are over the rest")
-    p.add_argument("--steps", type=int, default=0,
-                   help="steps per round and variant (default: a CIFAR-10 epoch, 390; 4 for vgg16 on a CPU)")
+    p.add_argument(
+        "--steps", type=int, default=0, help="steps per round and variant (default: a CIFAR-10 epoch, 390; 4 for vgg16 on a CPU)"
+    )
     p.add_argument("--ddp-epochs", type=int, default=2, help="epochs of 50000 images per DDP run (0: skip DDP)")
     p.add_argument("--compile", action="store_true", help="torch.compile in the limit and trainer variants")
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -320,19 +374,25 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
         m = r["images_per_s"]
-        print(f"| {r['model']} | {r['device']} | {r['batch']} | {m['limit']:.0f} | {m['trainer']:.0f} | {m['seed']:.0f} | "
-              f"{r['b_over_a']:.3f} | {r['b_over_c']:.2f} |")
+        print(
+            f"| {r['model']} | {r['device']} | {r['batch']} | {m['limit']:.0f} | {m['trainer']:.0f} | {m['seed']:.0f} | "
+            f"{r['b_over_a']:.3f} | {r['b_over_c']:.2f} |"
+        )
     if "choices" in results:
         c = results["choices"]
-        print(f"\ndefaults on {c['device']} (the CNN's limit, relative to the default, {c['default']}): " +
-              ", ".join(f"{k} {v:.2f}x" for k, v in c["relative_to_default"].items()))
+        print(
+            f"\ndefaults on {c['device']} (the CNN's limit, relative to the default, {c['default']}): "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in c["relative_to_default"].items())
+        )
     if "ddp" in results:
         d = results["ddp"]
-        print(f"\nDDP on the CPU (gloo): 1 process {d[1]['images_per_s']:.0f} img/s, 2 processes {d[2]['images_per_s']:.0f} img/s, "
-              f"efficiency {d['efficiency']:.3f}; peak RSS per rank: 1 process {d[1]['peak_rss_mb_per_rank']} MB, "
-              f"2 processes {d[2]['peak_rss_mb_per_rank']} MB (rank 1 / rank 0 = {d['rank1_over_rank0_rss']:.2f}); "
-              f"of it private (not the shared dataset or libraries): {d[1]['peak_anon_mb_per_rank']} and "
-              f"{d[2]['peak_anon_mb_per_rank']} MB")
+        print(
+            f"\nDDP on the CPU (gloo): 1 process {d[1]['images_per_s']:.0f} img/s, 2 processes {d[2]['images_per_s']:.0f} img/s, "
+            f"efficiency {d['efficiency']:.3f}; peak RSS per rank: 1 process {d[1]['peak_rss_mb_per_rank']} MB, "
+            f"2 processes {d[2]['peak_rss_mb_per_rank']} MB (rank 1 / rank 0 = {d['rank1_over_rank0_rss']:.2f}); "
+            f"of it private (not the shared dataset or libraries): {d[1]['peak_anon_mb_per_rank']} and "
+            f"{d[2]['peak_anon_mb_per_rank']} MB"
+        )
     Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwritten {args.json}")
     return 0

@@ -40,8 +40,10 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     if len(classes) != len(loaded.classes):
         raise UserError(f"the model has {len(loaded.classes)} outputs, but the {cfg.name} test split has {len(classes)} classes")
     if loaded.config is not None and classes != loaded.classes:
-        raise UserError(f"the {cfg.name} classes ({', '.join(classes[:4])}, ...) are not the checkpoint's "
-                        f"({', '.join(loaded.classes[:4])}, ...) in the same order; evaluate on the data it was trained for")
+        raise UserError(
+            f"the {cfg.name} classes ({', '.join(classes[:4])}, ...) are not the checkpoint's "
+            f"({', '.join(loaded.classes[:4])}, ...) in the same order; evaluate on the data it was trained for"
+        )
     train_cfg = loaded.config.train if loaded.config else None
     # the trainer's evaluation batch (twice the training batch per rank) and precision: the same numbers
     batch = args.batch_size or 2 * (train_cfg.batch_size if train_cfg else 128)
@@ -53,11 +55,18 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     confusion = result["confusion"]  # (C, C): rows the true class, columns the predicted one
     counts, correct = confusion.sum(1).tolist(), confusion.diag().tolist()
     return {
-        "checkpoint": str(args.checkpoint), "kind": loaded.kind, "epoch": loaded.epoch, "dataset": cfg.name,
-        "count": result["count"], "correct": result["correct"], "accuracy": result["acc"], "loss": result["loss"],
+        "checkpoint": str(args.checkpoint),
+        "kind": loaded.kind,
+        "epoch": loaded.epoch,
+        "dataset": cfg.name,
+        "count": result["count"],
+        "correct": result["correct"],
+        "accuracy": result["acc"],
+        "loss": result["loss"],
         "classes": classes,
-        "per_class": [{"class": c, "count": n, "correct": k, "accuracy": k / n if n else None}
-                      for c, n, k in zip(classes, counts, correct)],
+        "per_class": [
+            {"class": c, "count": n, "correct": k, "accuracy": k / n if n else None} for c, n, k in zip(classes, counts, correct)
+        ],
         "confusion": confusion.tolist(),
     }
 
@@ -66,16 +75,22 @@ def table(report: dict) -> str:
     classes, confusion = report["classes"], report["confusion"]
     name_width = max(len("class"), *(len(c) for c in classes)) + len(str(len(classes))) + 1
     epoch = f", epoch {report['epoch']}" if report["epoch"] else ""
-    lines = [f"{report['checkpoint']} ({report['kind']}{epoch}) on the {report['dataset']} test split",
-             f"accuracy {report['accuracy']:.4f} ({report['correct']}/{report['count']})  loss {report['loss']:.4f}",
-             "", f"{'class'.ljust(name_width)}  accuracy  correct/count"]
+    lines = [
+        f"{report['checkpoint']} ({report['kind']}{epoch}) on the {report['dataset']} test split",
+        f"accuracy {report['accuracy']:.4f} ({report['correct']}/{report['count']})  loss {report['loss']:.4f}",
+        "",
+        f"{'class'.ljust(name_width)}  accuracy  correct/count",
+    ]
     for i, row in enumerate(report["per_class"]):
         acc = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
         name = f"{i} {row['class']}"
         lines.append(f"{name.ljust(name_width)}  {acc:>8}  {row['correct']}/{row['count']}")
     width = max(len(str(v)) for r in confusion for v in r) + 1
-    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by number)",
-              " " * name_width + "".join(str(j).rjust(width) for j in range(len(classes)))]
+    lines += [
+        "",
+        "confusion matrix (rows: true class, columns: predicted class, by number)",
+        " " * name_width + "".join(str(j).rjust(width) for j in range(len(classes))),
+    ]
     for i, row in enumerate(confusion):
         lines.append(f"{i} {classes[i]}".ljust(name_width) + "".join(str(v).rjust(width) for v in row))
     return "\n".join(lines)
@@ -89,8 +104,13 @@ def confusion_image(report: dict, cell: int = 40) -> Image.Image:
     left, top = 9 * cell // 2, 2 * cell  # room for the class names and the title
     image = Image.new("RGB", (left + n * cell + cell // 2, top + n * cell + cell // 2), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((cell // 4, cell // 2), f"accuracy {report['accuracy']:.4f}: rows true class, columns predicted",
-              fill="black", anchor="lm", font=font)
+    draw.text(
+        (cell // 4, cell // 2),
+        f"accuracy {report['accuracy']:.4f}: rows true class, columns predicted",
+        fill="black",
+        anchor="lm",
+        font=font,
+    )
     share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     for i in range(n):
         draw.text((left - cell // 4, top + i * cell + cell // 2), f"{i} {classes[i][:14]}", fill="black", anchor="rm", font=font)
@@ -99,8 +119,13 @@ def confusion_image(report: dict, cell: int = 40) -> Image.Image:
             x, y = left + j * cell, top + i * cell
             shade = int(round(255 * (1 - share[i, j])))
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
-            draw.text((x + cell // 2, y + cell // 2), str(confusion[i, j]), anchor="mm", font=font,
-                      fill="white" if share[i, j] > 0.5 else "black")
+            draw.text(
+                (x + cell // 2, y + cell // 2),
+                str(confusion[i, j]),
+                anchor="mm",
+                font=font,
+                fill="white" if share[i, j] > 0.5 else "black",
+            )
     return image
 
 
@@ -125,16 +150,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="infer/evaluate.py",
         description="Accuracy, per-class accuracy and confusion matrix of a checkpoint on a test split.",
         epilog="example: torchrun --nproc_per_node=2 infer/evaluate.py --checkpoint runs/cifar10_cnn/checkpoints/best.pt "
-               "--out confusion.png",
+        "--out confusion.png",
     )
     loading.add_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=0, metavar="N",
-                        help="global evaluation batch (default: the trainer's, twice train.batch_size)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="global evaluation batch (default: the trainer's, twice train.batch_size)",
+    )
     parser.add_argument("--out", type=Path, metavar="FILE.png", help="also draw the confusion matrix into this PNG")
-    parser.add_argument("--tensorboard", type=Path, metavar="DIR", help="also add the confusion matrix image to TensorBoard in DIR")
+    parser.add_argument(
+        "--tensorboard", type=Path, metavar="DIR", help="also add the confusion matrix image to TensorBoard in DIR"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
-                        help="change the checkpoint's dataset, e.g. data.name=imagefolder data.root=DIR")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.key=value",
+        help="change the checkpoint's dataset, e.g. data.name=imagefolder data.root=DIR",
+    )
     return parser.parse_args(argv)
 
 

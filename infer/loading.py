@@ -33,8 +33,13 @@ from train.errors import UserError
 SEED_IMAGE_SIZE = 32
 SEED_MEAN, SEED_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 # The seed's first MyModule named its layers (conv_00, ...); its Sequential version, SeedCNN, numbers them.
-SEED_LAYER_NAMES = {"conv_00": "model.0", "conv_01": "model.2", "conv_02": "model.4",
-                    "linear_00": "model.7", "linear_01": "model.8"}
+SEED_LAYER_NAMES = {
+    "conv_00": "model.0",
+    "conv_01": "model.2",
+    "conv_02": "model.4",
+    "linear_00": "model.7",
+    "linear_01": "model.8",
+}
 # Wrappers whose prefixes a user's state_dict may carry: DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -58,18 +63,34 @@ class Loaded:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options predict.py and evaluate.py share: which file, how to read it, where to run."""
-    parser.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
-                        help="this project's best.pt / last.pt, a state_dict file (torch.save(model.state_dict(), ...)), "
-                             "or with --unsafe-load a whole pickled model (torch.save(model, ...))")
-    parser.add_argument("--model", choices=("cnn", "vgg16"),
-                        help="the architecture of a state_dict whose key names do not say it (default: read from the keys)")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="accept a whole pickled model: loading it runs code from the file, so only for files you trust")
-    parser.add_argument("--device", default="auto", type=_device_name,
-                        help="auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--mean", nargs=3, type=float, metavar="M",
-                        help="per-channel mean in [0, 1] units (default: the checkpoint's; 0 0 0 for a state_dict, "
-                             "as the seed's ToTensor())")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="this project's best.pt / last.pt, a state_dict file (torch.save(model.state_dict(), ...)), "
+        "or with --unsafe-load a whole pickled model (torch.save(model, ...))",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("cnn", "vgg16"),
+        help="the architecture of a state_dict whose key names do not say it (default: read from the keys)",
+    )
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="accept a whole pickled model: loading it runs code from the file, so only for files you trust",
+    )
+    parser.add_argument(
+        "--device", default="auto", type=_device_name, help="auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--mean",
+        nargs=3,
+        type=float,
+        metavar="M",
+        help="per-channel mean in [0, 1] units (default: the checkpoint's; 0 0 0 for a state_dict, as the seed's ToTensor())",
+    )
     parser.add_argument("--std", nargs=3, type=float, metavar="S", help="per-channel std (default: as --mean says, 1 1 1)")
 
 
@@ -110,11 +131,15 @@ def load(path: Path, dev: torch.device, model_name: str | None = None, unsafe: b
     state = _state_dict(obj)
     if state is None:
         what = f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise CheckpointError(f"checkpoint {path} holds {what}, not a model: expected this project's checkpoint, a state_dict, "
-                              f"or a whole model saved with torch.save(model, ...)")
+        raise CheckpointError(
+            f"checkpoint {path} holds {what}, not a model: expected this project's checkpoint, a state_dict, "
+            f"or a whole model saved with torch.save(model, ...)"
+        )
     model_cfg, num_classes = _architecture(path, state, model_name)
     model = _filled(models.build(model_cfg, num_classes), state, path, f"the {model_cfg.name} model")
-    classes = list(data.CIFAR10_CLASSES) if num_classes == len(data.CIFAR10_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+    classes = (
+        list(data.CIFAR10_CLASSES) if num_classes == len(data.CIFAR10_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+    )
     return Loaded(model.to(dev).eval(), classes, SEED_IMAGE_SIZE, SEED_MEAN, SEED_STD, False, None, 0, kind)
 
 
@@ -134,7 +159,8 @@ def _read(path: Path, dev: torch.device, unsafe: bool):
             raise CheckpointError(
                 f"checkpoint {path} holds pickled Python objects (class {pickled.group(1)}), as torch.save(model, ...) "
                 f"writes a whole model: loading it runs code from the file. If you trust the file, rerun with "
-                f"--unsafe-load; safer: save model.state_dict() where that class is defined and pass that file") from None
+                f"--unsafe-load; safer: save model.state_dict() where that class is defined and pass that file"
+            ) from None
         if not (unsafe and "Weights only load failed" in str(e)):
             raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file ({_reason(e)})") from None
     try:
@@ -142,7 +168,8 @@ def _read(path: Path, dev: torch.device, unsafe: bool):
     except _MissingClass as e:
         raise CheckpointError(
             f"checkpoint {path} pickles the class {e}, which cannot be imported here; load it where that class is "
-            f"defined, save model.state_dict() and pass that file (with --model if needed)") from None
+            f"defined, save model.state_dict() and pass that file (with --model if needed)"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be unpickled ({_reason(e)})") from None
 
@@ -190,8 +217,17 @@ def _project_checkpoint(path: Path, payload: dict, dev: torch.device) -> Loaded:
     model = _filled(model, payload["model"], path, f"the {cfg.model.name} model of its config")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Loaded(model.to(dev).eval(), classes, int(prep["image_size"]), tuple(prep["mean"]), tuple(prep["std"]),
-                  cfg.model.channels_last, cfg, int(payload.get("progress", {}).get("epoch", 0)), "checkpoint")
+    return Loaded(
+        model.to(dev).eval(),
+        classes,
+        int(prep["image_size"]),
+        tuple(prep["mean"]),
+        tuple(prep["std"]),
+        cfg.model.channels_last,
+        cfg,
+        int(payload.get("progress", {}).get("epoch", 0)),
+        "checkpoint",
+    )
 
 
 def _is_tensors(obj) -> bool:
@@ -206,7 +242,7 @@ def _state_dict(obj) -> dict[str, torch.Tensor] | None:
         return None
     state = dict(obj)
     while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return {_seed_key(k): v for k, v in state.items()}
 
 
@@ -220,13 +256,16 @@ def _architecture(path: Path, state: dict, name: str | None) -> tuple[config.Mod
     if name is None:
         name = "cnn" if "model.0.weight" in state else "vgg16" if "features.0.weight" in state else None
     if name is None:
-        raise CheckpointError(f"cannot tell which model {path} holds (its keys begin {', '.join(list(state)[:3])}); "
-                              f"pass --model cnn or --model vgg16")
+        raise CheckpointError(
+            f"cannot tell which model {path} holds (its keys begin {', '.join(list(state)[:3])}); "
+            f"pass --model cnn or --model vgg16"
+        )
     head = "append" if "classifier.Linear.weight" in state else "replace"  # the seed's two ways of fitting VGG16 to 10 classes
     last = {"cnn": "model.8.weight", "vgg16": "classifier.Linear.weight" if head == "append" else "classifier.6.weight"}[name]
     if last not in state:
-        raise CheckpointError(f"checkpoint {path} does not fit the {name} model: it has no {last} "
-                              f"(its keys begin {', '.join(list(state)[:3])})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the {name} model: it has no {last} (its keys begin {', '.join(list(state)[:3])})"
+        )
     return config.ModelConfig(name=name, head=head), state[last].shape[0]
 
 
@@ -235,8 +274,11 @@ def _filled(model: nn.Module, state: dict, path: Path, what: str) -> nn.Module:
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, not {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)}, not {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise CheckpointError(f"checkpoint {path} does not fit {what}: {'; '.join(problems[:3])}{more}")

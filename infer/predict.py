@@ -36,8 +36,11 @@ def image_files(inputs: list[str]) -> list[Path]:
     files = []
     for path in map(Path, inputs):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS
-                           and not p.name.startswith(".") and p.is_file())
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in data.IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+            )
             files += found or [path]
         else:
             files.append(path)
@@ -60,7 +63,7 @@ def predict(loaded: loading.Loaded, dev: torch.device, paths: list[Path], topk: 
     results = []
     for start in range(0, len(paths), BATCH):
         entries, images = [], []
-        for path in paths[start:start + BATCH]:
+        for path in paths[start : start + BATCH]:
             entry = {"path": str(path)}
             results.append(entry)
             try:
@@ -80,8 +83,11 @@ def predict(loaded: loading.Loaded, dev: torch.device, paths: list[Path], topk: 
 
 def table(results: list[dict], topk: int) -> str:
     rows = [("image", "class", "prob", f"top-{topk}")]
-    rows += [(r["path"], r["class"], f"{r['prob']:.4f}", ", ".join(f"{t['class']} {t['prob']:.4f}" for t in r["topk"]))
-             for r in results if "error" not in r]
+    rows += [
+        (r["path"], r["class"], f"{r['prob']:.4f}", ", ".join(f"{t['class']} {t['prob']:.4f}" for t in r["topk"]))
+        for r in results
+        if "error" not in r
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]) for row in rows)
 
@@ -101,8 +107,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders walked for image files")
     loading.add_arguments(parser)
     parser.add_argument("--topk", type=_positive, default=3, help="how many of the most likely classes to list (default: 3)")
-    parser.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",")], metavar="NAME,NAME,...",
-                        help="class names of a state_dict, in label order (default: CIFAR-10's for 10 outputs)")
+    parser.add_argument(
+        "--classes",
+        type=lambda s: [c.strip() for c in s.split(",")],
+        metavar="NAME,NAME,...",
+        help="class names of a state_dict, in label order (default: CIFAR-10's for 10 outputs)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list, one entry per image, instead of the table")
     return parser.parse_args(argv)
 

@@ -29,8 +29,11 @@ from train.errors import UserError
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = config.ArgumentParser(prog="launch/submit.py", description="Submit train/main.py to SLURM, or run it here.")
     config.add_arguments(p)
-    p.add_argument("--cluster", choices=("slurm", "local", "debug"),
-                   help="slurm (default when sbatch is on PATH), local (this machine, default otherwise), debug (this process)")
+    p.add_argument(
+        "--cluster",
+        choices=("slurm", "local", "debug"),
+        help="slurm (default when sbatch is on PATH), local (this machine, default otherwise), debug (this process)",
+    )
     r = p.add_argument_group("resources (SLURM; local uses --gpus-per-node and --tasks-per-node)")
     r.add_argument("--nodes", type=int, default=1)
     r.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
@@ -43,18 +46,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--qos")
     r.add_argument("--constraint")
     r.add_argument("--job-name", help="default: the run folder's name")
-    r.add_argument("--signal", default=None, metavar="SIG",
-                   help="preemption signal sent before the time limit (default USR2, submitit's)")
+    r.add_argument(
+        "--signal", default=None, metavar="SIG", help="preemption signal sent before the time limit (default USR2, submitit's)"
+    )
     r.add_argument("--signal-delay", type=int, default=120, metavar="S", help="send it S seconds before the time limit")
     r.add_argument("--requeues", type=int, default=3, help="how many times a timed-out job may requeue itself")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="submit one job array over these values (repeat for a grid)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="submit one job array over these values (repeat for a grid)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the batch script and the resolved config; submit nothing")
     p.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------- what to run
+
 
 def sweep_points(specs: list[str]) -> list[list[str]]:
     """`["optim.lr=0.1,0.2", "train.seed=0,1"]` -> the grid of override lists."""
@@ -113,9 +123,12 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
         executor.update_parameters(**slurm_parameters(args, name))
     elif args.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.requeues)
-        executor.update_parameters(timeout_min=args.time, gpus_per_node=args.gpus_per_node,
-                                   tasks_per_node=args.tasks_per_node or max(1, args.gpus_per_node),
-                                   signal_delay_s=args.signal_delay)
+        executor.update_parameters(
+            timeout_min=args.time,
+            gpus_per_node=args.gpus_per_node,
+            tasks_per_node=args.tasks_per_node or max(1, args.gpus_per_node),
+            signal_delay_s=args.signal_delay,
+        )
     else:
         executor = submitit.DebugExecutor(folder=folder)
     return executor
@@ -134,6 +147,7 @@ def batch_script(args: argparse.Namespace, folder: Path, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- following a job
+
 
 def follow(job, poll_s: float = 2.0) -> str:
     """Print the job's stdout and stderr (task 0) as they grow, until the job ends; return its state."""
@@ -183,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.cluster == "slurm":
                 print(batch_script(args, folder, name), end="")
             else:
-                print(f"# --cluster {args.cluster}: {len(jobs)} job(s) of {args.tasks_per_node or max(1, args.gpus_per_node)} task(s) on this machine")
+                print(
+                    f"# --cluster {args.cluster}: {len(jobs)} job(s) of {args.tasks_per_node or max(1, args.gpus_per_node)} task(s) on this machine"
+                )
             for cfg, point in jobs:
                 print(f"# config{' for ' + ' '.join(point) if point else ''}:")
                 print(config.dump(cfg), end="")

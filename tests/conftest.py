@@ -29,8 +29,9 @@ def env_for_tests(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or env_for_tests(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env or env_for_tests(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def train(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,8 +41,21 @@ def train(*args, cwd: Path, env: dict | None = None, timeout: float = 300) -> su
 
 def torchrun(nproc: int, *args, cwd: Path, env: dict | None = None, extra: tuple = (), timeout: float = 300, script: Path = MAIN):
     """`torchrun --nproc_per_node=N SCRIPT ARGS` (train/main.py unless told otherwise)."""
-    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}", *extra, script, *args], cwd=cwd, env=env, timeout=timeout)
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            *extra,
+            script,
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -82,6 +96,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 # ------------------------------------------------------------------ CIFAR-10 in its own format
 
+
 class Py2Pickler(pickle._Pickler):
     """Pickles as Python 2's cPickle wrote CIFAR-10: str and bytes as py2 strings, numpy by its old path."""
 
@@ -101,7 +116,7 @@ class Py2Pickler(pickle._Pickler):
     def save_global(self, obj, name=None):
         module = getattr(obj, "__module__", "")
         if module.startswith("numpy._core"):  # py2-era files name numpy.core.multiarray
-            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core'):]}\n{obj.__name__}\n".encode())
+            self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core') :]}\n{obj.__name__}\n".encode())
             self.memoize(obj)
         else:
             super().save_global(obj, name)
@@ -128,10 +143,18 @@ def write_cifar10(root: Path, per_batch: int = 100, test: int = 100, seed: int =
         labels = rng.integers(0, 10, size=n)
         images = rng.integers(0, 80, size=(n, 3, 32, 32), dtype=np.uint8)
         for i, c in enumerate(labels):
-            images[i, c % 3, (c // 3) * 8:(c // 3) * 8 + 8, :] = 255
+            images[i, c % 3, (c // 3) * 8 : (c // 3) * 8 + 8, :] = 255
         data = images.reshape(n, 3072)  # rows of 1024 R, 1024 G, 1024 B values, as in the official files
-        return {"batch_label": label_name, "labels": [int(v) for v in labels], "data": data,
-                "filenames": [f"img_{i}.png" for i in range(n)]}, images, labels
+        return (
+            {
+                "batch_label": label_name,
+                "labels": [int(v) for v in labels],
+                "data": data,
+                "filenames": [f"img_{i}.png" for i in range(n)],
+            },
+            images,
+            labels,
+        )
 
     for i in range(1, 6):
         entry, images, labels = batch(per_batch, f"training batch {i} of 5")
@@ -140,14 +163,24 @@ def write_cifar10(root: Path, per_batch: int = 100, test: int = 100, seed: int =
     entry, images, labels = batch(test, "testing batch 1 of 1")
     (folder / "test_batch").write_bytes(py2_pickle(entry))
     written["test_batch"] = (images, labels)
-    (folder / "batches.meta").write_bytes(py2_pickle({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}))
+    (folder / "batches.meta").write_bytes(
+        py2_pickle({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072})
+    )
     return written
 
 
 # A run long enough to be signalled in the middle (64 steps of 2 x 32), with a learning-rate
 # schedule that does not depend on where it stops; the preemption tests compare against it.
-PREEMPTIBLE = ["--config", SMOKE, "data.synthetic_train=4096", "train.epochs=1", "log.every_steps=4",
-               "data.augment=[crop,flip]", "optim.schedule=step", "optim.warmup_epochs=0"]
+PREEMPTIBLE = [
+    "--config",
+    SMOKE,
+    "data.synthetic_train=4096",
+    "train.epochs=1",
+    "log.every_steps=4",
+    "data.augment=[crop,flip]",
+    "optim.schedule=step",
+    "optim.warmup_epochs=0",
+]
 
 
 @pytest.fixture(scope="session")

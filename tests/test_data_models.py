@@ -35,7 +35,9 @@ def test_cifar10_reader_reads_the_official_layout(tmp_path):
     # the second load memory-maps the cache instead of decoding again
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and (cached[0] / "train_images.npy").is_file()
-    again = data.load(cfg_data(name="cifar10", root=str(tmp_path / "data"), download=False, cache_dir=str(tmp_path / "cache")), ONE)
+    again = data.load(
+        cfg_data(name="cifar10", root=str(tmp_path / "data"), download=False, cache_dir=str(tmp_path / "cache")), ONE
+    )
     assert torch.equal(again.train.images, ds.train.images)
 
 
@@ -106,8 +108,15 @@ def test_batched_crop_and_flip_match_per_image_definitions():
     out = crop_flip(x, torch.Generator().manual_seed(0)).clone()
     choices = set()
     for i in range(256):
-        found = [(dy, dx, m) for dy in range(9) for dx in range(9) for m in (False, True)
-                 if torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32].flip(2) if m else padded[i, :, dy:dy + 32, dx:dx + 32])]
+        found = [
+            (dy, dx, m)
+            for dy in range(9)
+            for dx in range(9)
+            for m in (False, True)
+            if torch.equal(
+                out[i], padded[i, :, dy : dy + 32, dx : dx + 32].flip(2) if m else padded[i, :, dy : dy + 32, dx : dx + 32]
+            )
+        ]
         assert found, f"image {i} is no window of its padded input"
         choices.add(found[0])
     assert len({(dy, dx) for dy, dx, _ in choices}) > 60 and {m for _, _, m in choices} == {False, True}
@@ -135,8 +144,16 @@ class SeedModule(nn.Module):
         from torch.nn import Conv2d, Flatten, Linear, MaxPool2d
 
         self.model = torch.nn.Sequential(
-            Conv2d(3, 32, 5, padding=2), MaxPool2d(2), Conv2d(32, 32, 5, padding=2), MaxPool2d(2),
-            Conv2d(32, 64, 5, padding=2), MaxPool2d(2), Flatten(), Linear(1024, 64), Linear(64, 10))
+            Conv2d(3, 32, 5, padding=2),
+            MaxPool2d(2),
+            Conv2d(32, 32, 5, padding=2),
+            MaxPool2d(2),
+            Conv2d(32, 64, 5, padding=2),
+            MaxPool2d(2),
+            Flatten(),
+            Linear(1024, 64),
+            Linear(64, 10),
+        )
 
     def forward(self, inputs):
         return self.model(inputs)

@@ -42,8 +42,18 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     """101 test images on 2 ranks: 50 + 51, each counted once, the same accuracy as one process;
     one set of files in the run folder, and rank 1 printed nothing."""
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    ok(torchrun(2, "--config", SMOKE, "data.synthetic_test=101", "train.epochs=1", f"log.run_dir={run_dir}", cwd=tmp_path,
-                extra=("--log-dir", logs, "--redirects", "3")))
+    ok(
+        torchrun(
+            2,
+            "--config",
+            SMOKE,
+            "data.synthetic_test=101",
+            "train.epochs=1",
+            f"log.run_dir={run_dir}",
+            cwd=tmp_path,
+            extra=("--log-dir", logs, "--redirects", "3"),
+        )
+    )
     logged = metrics(run_dir)[-1]
     assert logged["test_count"] == 101
     ckpt = load(run_dir / "checkpoints" / "last.pt")
@@ -59,7 +69,11 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     events = [f for f in files if "tfevents" in f]
     assert len(events) == 2, files  # the scalars, and add_hparams' own file: one writer, rank 0's
     assert [f for f in files if "tfevents" not in f] == [
-        "checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.jsonl"]
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "config.yaml",
+        "metrics.jsonl",
+    ]
     out0 = next(logs.rglob("0/stdout.log")).read_text()
     assert "done: test_acc" in out0
     for name in ("stdout.log", "stderr.log"):
@@ -68,21 +82,40 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
 
 def slurm_env(rank: int, job_id: int, **extra) -> dict:
     """What srun gives each task, and nothing of torchrun's."""
-    env = {k: v for k, v in env_for_tests().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
-               SLURM_JOB_ID=str(job_id), SLURM_NODEID="0", **extra)
+    env = {
+        k: v for k, v in env_for_tests().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID=str(job_id),
+        SLURM_NODEID="0",
+        **extra,
+    )
     return env
 
 
 def start_srun_pair(tmp_path, args, **extra):
     job_id = free_port() - 15000 + 20000  # the trainer listens on 15000 + job_id % 20000: a free port
-    return [subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=tmp_path, env=slurm_env(r, job_id, **extra),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(MAIN), *map(str, args)],
+            cwd=tmp_path,
+            env=slurm_env(r, job_id, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
 
 
 def test_srun_variables_form_a_group_of_two(tmp_path):
-    assert detect(slurm_env(1, 7)) == Launch("slurm", rank=1, local_rank=1, world_size=2, local_world_size=2,
-                                             master_addr="localhost", master_port=15007)
+    assert detect(slurm_env(1, 7)) == Launch(
+        "slurm", rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="localhost", master_port=15007
+    )
     procs = start_srun_pair(tmp_path, ["--config", SMOKE, "train.epochs=1", f"log.run_dir={tmp_path / 'run'}"])
     (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], err0 + err1
@@ -125,19 +158,44 @@ def test_elastic_restart_resumes_and_matches(tmp_path):
     env = env_for_tests(SCAFFOLD_FAULT="step@20:1")  # SIGKILL in the middle of step 20
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env, extra=("--max-restarts=1",)))
     assert "resumed from" in proc.stdout and "at epoch 1 step 16" in proc.stdout
-    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True
+    )
     assert [m["epoch"] for m in metrics(tmp_path / "run")] == [1, 2]
 
 
 def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
     """SIGTERM to the torchrun group mid-epoch: every rank stops at the same step, rank 0 saves it, exit 75."""
-    args = ["--config", SMOKE, "data.augment=[crop,flip]", "data.synthetic_train=2048", "log.every_steps=2",
-            "train.epochs=1", "optim.schedule=step", "optim.warmup_epochs=0"]
+    args = [
+        "--config",
+        SMOKE,
+        "data.augment=[crop,flip]",
+        "data.synthetic_train=2048",
+        "log.every_steps=2",
+        "train.epochs=1",
+        "optim.schedule=step",
+        "optim.warmup_epochs=0",
+    ]
     ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(MAIN),
-           *map(str, args), f"log.run_dir={tmp_path / 'run'}"]
-    agent = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(MAIN),
+        *map(str, args),
+        f"log.run_dir={tmp_path / 'run'}",
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env_for_tests(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     for line in agent.stdout:
         seen.append(line)
@@ -153,7 +211,9 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
     assert f"saved {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in output
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 0 step {step}" in proc.stdout
-    assert_same_weights(tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)
+    assert_same_weights(
+        tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True
+    )
     for a, b in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "run"), strict=True):
         assert (a["epoch"], a["step"], a["test_acc"], a["test_loss"]) == (b["epoch"], b["step"], b["test_acc"], b["test_loss"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)  # float64 partial sums, added in another order
@@ -162,10 +222,22 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
 @pytest.mark.parametrize("background", ["never", "always"])
 def test_single_process_sigterm_exits_75(tmp_path, background):
     """The stop signal's checkpoint is on disk before the process says so, also from the background writer."""
-    args = ["--config", SMOKE, "data.synthetic_train=4096", "log.every_steps=2", f"log.run_dir={tmp_path / 'run'}",
-            f"train.save_in_background={background}"]
-    proc = subprocess.Popen([sys.executable, str(MAIN), *map(str, args)], cwd=tmp_path, env=env_for_tests(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--config",
+        SMOKE,
+        "data.synthetic_train=4096",
+        "log.every_steps=2",
+        f"log.run_dir={tmp_path / 'run'}",
+        f"train.save_in_background={background}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *map(str, args)],
+        cwd=tmp_path,
+        env=env_for_tests(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("epoch 1 step 6/"):
             proc.send_signal(signal.SIGUSR1)

@@ -115,10 +115,13 @@ def reference_two_ranks(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("fault, evidence", [
-    ("ckpt_write@2:0", "SIGKILL at ckpt_write (hit 2) on rank 0"),
-    ("step@20:1", "SIGKILL at step (hit 20) on rank 1 (step 20)"),
-])
+@pytest.mark.parametrize(
+    "fault, evidence",
+    [
+        ("ckpt_write@2:0", "SIGKILL at ckpt_write (hit 2) on rank 0"),
+        ("step@20:1", "SIGKILL at step (hit 20) on rank 1 (step 20)"),
+    ],
+)
 def test_kill_9_of_one_rank_under_torchrun(fault, evidence, reference_two_ranks, tmp_path):
     run_dir = tmp_path / "run"
     killed = torchrun(2, *run_dir_args(run_dir), cwd=tmp_path, env=env_for_tests(SCAFFOLD_FAULT=fault))
@@ -129,6 +132,7 @@ def test_kill_9_of_one_rank_under_torchrun(fault, evidence, reference_two_ranks,
 
 
 # ---------------------------------------------------------------------------- damaged checkpoints
+
 
 def copy_run(reference: Path, tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
@@ -158,11 +162,14 @@ def foreign_checkpoint(path: Path) -> None:
     checkpoint.save(path.parent, {k: v for k, v in payload.items() if k not in ("digest", "format", "versions")}, is_best=False)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]), "is damaged or not a checkpoint"),
-    (flip_a_bit_in_tensor_data, "is corrupt: its contents do not match the digest written with it"),
-    (foreign_checkpoint, "checkpoint holds another model (model.name=cnn, different layers)"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]), "is damaged or not a checkpoint"),
+        (flip_a_bit_in_tensor_data, "is corrupt: its contents do not match the digest written with it"),
+        (foreign_checkpoint, "checkpoint holds another model (model.name=cnn, different layers)"),
+    ],
+)
 def test_damaged_last_checkpoint_falls_back_to_the_previous_one(damage, message, reference, tmp_path):
     run_dir = copy_run(reference, tmp_path)
     ckpts = run_dir / "checkpoints"
@@ -191,6 +198,7 @@ def test_no_good_checkpoint_is_refused_with_instructions(reference, tmp_path):
 
 # ---------------------------------------------------------------------------- full disk
 
+
 @pytest.mark.parametrize("background", ["never", "always"])
 def test_file_size_limit_keeps_the_previous_checkpoint(background, tmp_path):
     """In the trainer's thread or the background writer's, a failed write stops the run with one line."""
@@ -202,9 +210,20 @@ def test_file_size_limit_keeps_the_previous_checkpoint(background, tmp_path):
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "train" / "main.py"), *map(str, run_dir_args(run_dir)),
-                           f"train.save_in_background={background}"],
-                          cwd=tmp_path, env=env_for_tests(), capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "train" / "main.py"),
+            *map(str, run_dir_args(run_dir)),
+            f"train.save_in_background={background}",
+        ],
+        cwd=tmp_path,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        timeout=300,
+    )
     line = one_error_line(proc)
     assert line.startswith(f"error: could not write checkpoint in {run_dir / 'checkpoints'} (File too large)")
     assert "the previous last.pt is untouched" in line
@@ -232,6 +251,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------- hostile input
 
+
 class Exploit:
     def __init__(self, marker):
         self.marker = marker
@@ -251,13 +271,16 @@ def test_pickled_objects_in_last_pt_are_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.epochs=-1", "error: config key 'train.epochs' must be >= 0, got -1"),
-    ("optim.lr=0", "error: config key 'optim.lr' must be > 0.0, got 0.0"),
-    ("data.workers=1000", "error: config key 'data.workers' is 1000, more than 4x this machine's"),
-    ("optim.momentum=1.5", "error: config key 'optim.momentum' must be between 0.0 and 1.0, got 1.5"),
-    ("dist.stop_signals=[SIGFOO]", "error: config key 'dist.stop_signals' has 'SIGFOO', which is not a signal name"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epochs=-1", "error: config key 'train.epochs' must be >= 0, got -1"),
+        ("optim.lr=0", "error: config key 'optim.lr' must be > 0.0, got 0.0"),
+        ("data.workers=1000", "error: config key 'data.workers' is 1000, more than 4x this machine's"),
+        ("optim.momentum=1.5", "error: config key 'optim.momentum' must be between 0.0 and 1.0, got 1.5"),
+        ("dist.stop_signals=[SIGFOO]", "error: config key 'dist.stop_signals' has 'SIGFOO', which is not a signal name"),
+    ],
+)
 def test_out_of_range_values_name_the_key(override, expected, tmp_path):
     assert one_error_line(train("--config", SMOKE, override, cwd=tmp_path)).startswith(expected)
 
@@ -270,6 +293,15 @@ def test_dataset_folder_with_an_empty_file_names_it(tmp_path):
             (tmp_path / "imgs" / split / cls).mkdir(parents=True)
             Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "imgs" / split / cls / "ok.png")
     (tmp_path / "imgs" / "train" / "b" / "empty.jpg").write_bytes(b"")
-    line = one_error_line(train("--config", SMOKE, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
-                                f"data.cache_dir={tmp_path / 'cache'}", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    line = one_error_line(
+        train(
+            "--config",
+            SMOKE,
+            "data.name=imagefolder",
+            f"data.root={tmp_path / 'imgs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"log.run_dir={tmp_path / 'run'}",
+            cwd=tmp_path,
+        )
+    )
     assert line.startswith(f"error: image {tmp_path / 'imgs' / 'train' / 'b' / 'empty.jpg'} cannot be read")

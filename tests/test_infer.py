@@ -121,8 +121,9 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(smoke_run, tmp_pat
     (folder / "notes.txt").write_text("not an image either, and not named like one: skipped\n")
     (folder / "._good.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble companion: hidden, skipped
     (tmp_path / "empty").mkdir()
-    proc = predict("--checkpoint", smoke_run / "checkpoints" / "last.pt", folder, tmp_path / "missing.jpg", tmp_path / "empty",
-                   cwd=tmp_path)
+    proc = predict(
+        "--checkpoint", smoke_run / "checkpoints" / "last.pt", folder, tmp_path / "missing.jpg", tmp_path / "empty", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     predicted = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
     assert predicted == [str(folder / "good.png"), str(folder / "good_too.png")]
@@ -134,7 +135,7 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(smoke_run, tmp_pat
     assert errors[3].startswith(f"error: folder {tmp_path / 'empty'} holds no image files")
 
 
-SEED_SCRIPT = '''
+SEED_SCRIPT = """
 import torch
 from torch.nn import Conv2d, MaxPool2d, Flatten, Linear
 
@@ -161,7 +162,7 @@ module = MyModule()
 torch.save(module, "SavedModule.pth")
 torch.save(module.state_dict(), "SavedStateDict.pth")
 torch.save(Net(), "Net.pth")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +230,21 @@ def test_seed_vgg16_state_dict_with_appended_layer(tmp_path):
 
 def test_a_state_dict_of_another_model_is_one_line(seed_files):
     line = one_error_line(predict("--checkpoint", "SavedStateDict.pth", "--model", "vgg16", "plane.png", cwd=seed_files))
-    assert line == ("error: checkpoint SavedStateDict.pth does not fit the vgg16 model: it has no classifier.6.weight "
-                    "(its keys begin model.0.weight, model.0.bias, model.2.weight)")
+    assert line == (
+        "error: checkpoint SavedStateDict.pth does not fit the vgg16 model: it has no classifier.6.weight "
+        "(its keys begin model.0.weight, model.0.bias, model.2.weight)"
+    )
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("digest", "is corrupt: its contents do not match the digest written with it"),
-    ("truncated", "is damaged or not a PyTorch file"),
-    ("foreign", "holds a dict with keys epoch, lr, not a model"),
-    ("text", "is damaged or not a PyTorch file"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("digest", "is corrupt: its contents do not match the digest written with it"),
+        ("truncated", "is damaged or not a PyTorch file"),
+        ("foreign", "holds a dict with keys epoch, lr, not a model"),
+        ("text", "is damaged or not a PyTorch file"),
+    ],
+)
 def test_bad_checkpoints_are_one_line(smoke_run, tmp_path, damage, expected):
     good = smoke_run / "checkpoints" / "last.pt"
     bad = tmp_path / "bad.pt"
@@ -261,8 +267,17 @@ def test_evaluate_gives_the_logged_accuracy_with_table_png_and_tensorboard(smoke
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     metrics = logged(smoke_run)
-    proc = ok(evaluate("--checkpoint", smoke_run / "checkpoints" / "last.pt", "--out", tmp_path / "confusion.png",
-                       "--tensorboard", tmp_path / "tb", cwd=tmp_path))
+    proc = ok(
+        evaluate(
+            "--checkpoint",
+            smoke_run / "checkpoints" / "last.pt",
+            "--out",
+            tmp_path / "confusion.png",
+            "--tensorboard",
+            tmp_path / "tb",
+            cwd=tmp_path,
+        )
+    )
     correct, count = map(int, re.search(r"^accuracy [\d.]+ \((\d+)/(\d+)\)", proc.stdout, re.M).groups())
     assert count == metrics["test_count"] == 256 and correct / count == metrics["test_acc"]
     assert "confusion matrix (rows: true class, columns: predicted class" in proc.stdout
@@ -296,8 +311,17 @@ def test_evaluate_on_an_image_folder(smoke_run, tmp_path):
         if not train_folder.is_dir():
             train_folder.mkdir(parents=True)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(train_folder / "0.png")
-    proc = ok(evaluate("--checkpoint", smoke_run / "checkpoints" / "last.pt", "--json", "data.name=imagefolder",
-                       f"data.root={tmp_path / 'images'}", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path))
+    proc = ok(
+        evaluate(
+            "--checkpoint",
+            smoke_run / "checkpoints" / "last.pt",
+            "--json",
+            "data.name=imagefolder",
+            f"data.root={tmp_path / 'images'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            cwd=tmp_path,
+        )
+    )
     report = json.loads(proc.stdout)
     assert report["dataset"] == "imagefolder"
     assert report["count"] == 256 and report["accuracy"] == logged(smoke_run)["test_acc"]
@@ -306,17 +330,33 @@ def test_evaluate_on_an_image_folder(smoke_run, tmp_path):
 def test_evaluate_a_seed_state_dict_on_cifar10_files(seed_files, tmp_path):
     """A state_dict has no config: the default dataset (CIFAR-10, here in its official file format) with overrides."""
     write_cifar10(tmp_path / "data", per_batch=10, test=100)
-    proc = ok(evaluate("--checkpoint", seed_files / "SavedStateDict.pth", "--json", f"data.root={tmp_path / 'data'}",
-                       f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path))
+    proc = ok(
+        evaluate(
+            "--checkpoint",
+            seed_files / "SavedStateDict.pth",
+            "--json",
+            f"data.root={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            cwd=tmp_path,
+        )
+    )
     report = json.loads(proc.stdout)
-    assert (report["dataset"], report["kind"], report["count"], report["classes"]) == ("cifar10", "state_dict", 100, CIFAR_CLASSES)
+    assert (report["dataset"], report["kind"], report["count"], report["classes"]) == (
+        "cifar10",
+        "state_dict",
+        100,
+        CIFAR_CLASSES,
+    )
     assert np.array(report["confusion"]).sum() == 100 and report["accuracy"] == report["correct"] / 100
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.name=vgg16", "error: override 'model.name=vgg16' changes 'model', but only data can be changed here"),
-    ("data.nmae=imagefolder", "error: unknown config key 'data.nmae' (did you mean 'data.name'?)"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.name=vgg16", "error: override 'model.name=vgg16' changes 'model', but only data can be changed here"),
+        ("data.nmae=imagefolder", "error: unknown config key 'data.nmae' (did you mean 'data.name'?)"),
+    ],
+)
 def test_evaluate_override_errors_are_one_line(smoke_run, tmp_path, override, expected):
     line = one_error_line(evaluate("--checkpoint", smoke_run / "checkpoints" / "last.pt", override, cwd=tmp_path))
     assert line.startswith(expected)

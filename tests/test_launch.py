@@ -30,7 +30,9 @@ def slurm_problem() -> str | None:
         return f"sinfo failed: {e}"
     states = set(out.stdout.split())
     if out.returncode != 0 or not states & {"idle", "mix", "alloc"}:
-        return f"SLURM not reachable or no usable node (sinfo: {(out.stdout + out.stderr).strip()[:200]}); run slurm/devcluster/up"
+        return (
+            f"SLURM not reachable or no usable node (sinfo: {(out.stdout + out.stderr).strip()[:200]}); run slurm/devcluster/up"
+        )
     return None
 
 
@@ -60,8 +62,11 @@ def sbatch(script: Path, *args, options=(), env=None, timeout: float = 300) -> t
     proc = run(["sbatch", "--parsable", *options, script, *args], cwd=REPO, env=env or env_for_tests())
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    state = wait_for(lambda: (s := sacct_state(job)) not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "UNKNOWN") and s,
-                     timeout, f"job {job} to end")
+    state = wait_for(
+        lambda: (s := sacct_state(job)) not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "UNKNOWN") and s,
+        timeout,
+        f"job {job} to end",
+    )
     return job, state
 
 
@@ -70,13 +75,40 @@ def job_id_of(proc_stdout: str) -> str:
 
 
 def test_dry_run_prints_the_batch_script(tmp_path):
-    proc = ok(submit("--config", SMOKE, "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--time", "30",
-                     "--partition", "gpu", "--signal", "USR1", "--signal-delay", "90", "--dry-run",
-                     f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    proc = ok(
+        submit(
+            "--config",
+            SMOKE,
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--time",
+            "30",
+            "--partition",
+            "gpu",
+            "--signal",
+            "USR1",
+            "--signal-delay",
+            "90",
+            "--dry-run",
+            f"log.run_dir={tmp_path / 'run'}",
+            cwd=tmp_path,
+        )
+    )
     lines = proc.stdout.splitlines()
-    for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --time=30",
-                     "#SBATCH --signal=USR1@90", "#SBATCH --partition=gpu", "#SBATCH --requeue",
-                     f"#SBATCH --output={tmp_path / 'run' / 'submitit'}/%j_0_log.out"):
+    for expected in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=30",
+        "#SBATCH --signal=USR1@90",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path / 'run' / 'submitit'}/%j_0_log.out",
+    ):
         assert expected in lines, (expected, proc.stdout)
     assert any(line.startswith("srun ") and "--kill-on-bad-exit=1" in line for line in lines)
     assert "  name: synthetic" in lines and f"  run_dir: {tmp_path / 'run'}" in lines  # the resolved config
@@ -112,15 +144,23 @@ def test_local_executor_runs_the_smoke_config(tmp_path):
 @needs_slurm
 def test_slurm_two_task_job_completes_and_only_rank_zero_writes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = ok(submit("--config", SMOKE, "--cluster", "slurm", "--tasks-per-node", "2", "--follow",
-                     f"log.run_dir={run_dir}", cwd=tmp_path))
+    proc = ok(
+        submit(
+            "--config", SMOKE, "--cluster", "slurm", "--tasks-per-node", "2", "--follow", f"log.run_dir={run_dir}", cwd=tmp_path
+        )
+    )
     job = job_id_of(proc.stdout)
     assert f"job {job} ended: COMPLETED" in proc.stdout
     assert wait_for(lambda: sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED")
     assert "on 2 x cpu" in proc.stdout
     outside = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
     assert [f for f in outside if "tfevents" not in f] == [
-        "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/prev.pt", "config.yaml", "metrics.jsonl"]
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "checkpoints/prev.pt",
+        "config.yaml",
+        "metrics.jsonl",
+    ]
     assert len([f for f in outside if "tfevents" in f]) == 2
     rank1 = (run_dir / "submitit" / f"{job}_1_log.out").read_text().splitlines()
     assert rank1 and all(line.startswith("submitit ") for line in rank1), rank1  # rank 1 printed nothing of its own
@@ -149,8 +189,13 @@ def test_slurm_preemption_requeues_and_resumes_exactly(preemptible_reference, tm
 @needs_slurm
 def test_plain_sbatch_script_trains(tmp_path):
     out = tmp_path / "job.out"
-    job, state = sbatch(REPO / "slurm" / "train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
-                        options=(f"--export=ALL,PYTHON={sys.executable}", f"--output={out}"))
+    job, state = sbatch(
+        REPO / "slurm" / "train.sbatch",
+        "--config",
+        SMOKE,
+        f"log.run_dir={tmp_path / 'run'}",
+        options=(f"--export=ALL,PYTHON={sys.executable}", f"--output={out}"),
+    )
     assert state == "COMPLETED", out.read_text()[-3000:] if out.exists() else state
     assert "done: test_acc" in out.read_text()
     assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
@@ -159,8 +204,20 @@ def test_plain_sbatch_script_trains(tmp_path):
 @needs_slurm
 def test_sweep_is_one_job_array(tmp_path):
     base = tmp_path / "sweep"
-    proc = ok(submit("--config", SMOKE, "--cluster", "slurm", "--sweep", "optim.lr=0.01,0.02", "train.epochs=1", "--follow",
-                     f"log.run_dir={base}", cwd=tmp_path))
+    proc = ok(
+        submit(
+            "--config",
+            SMOKE,
+            "--cluster",
+            "slurm",
+            "--sweep",
+            "optim.lr=0.01,0.02",
+            "train.epochs=1",
+            "--follow",
+            f"log.run_dir={base}",
+            cwd=tmp_path,
+        )
+    )
     array = re.search(r"submitted job (\d+)_0, \1_1 to SLURM", proc.stdout)
     assert array, proc.stdout
     assert f"job {array.group(1)}_0, {array.group(1)}_1 ended: COMPLETED, COMPLETED" in proc.stdout

@@ -45,7 +45,12 @@ def batch(script: str, *args, options=(), export=SBATCH_ENV, out):
 def only_rank_zero_wrote(run_dir):
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
     assert [f for f in files if "tfevents" not in f] == [
-        "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/prev.pt", "config.yaml", "metrics.jsonl"]
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "checkpoints/prev.pt",
+        "config.yaml",
+        "metrics.jsonl",
+    ]
     assert len([f for f in files if "tfevents" in f]) == 2
 
 
@@ -64,8 +69,14 @@ def network_line(log: str) -> list[tuple[str, str, str]]:
 
 def test_srun_path_across_two_nodes(one_process, tmp_path):
     out = tmp_path / "job.out"
-    job, state = batch("train.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
-                       options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"), out=out)
+    job, state = batch(
+        "train.sbatch",
+        "--config",
+        SMOKE,
+        f"log.run_dir={tmp_path / 'run'}",
+        options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"),
+        out=out,
+    )
     log = out.read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "on 2 x cpu" in log and "done: test_acc" in log
@@ -78,8 +89,15 @@ def test_srun_path_across_two_nodes(one_process, tmp_path):
 
 def test_torchrun_sbatch_two_nodes_two_processes_each(one_process, tmp_path):
     out = tmp_path / "job.out"
-    job, state = batch("torchrun.sbatch", "--config", SMOKE, f"log.run_dir={tmp_path / 'run'}",
-                       options=("--nodes=2", "--cpus-per-task=2"), export=f"{SBATCH_ENV},NPROC_PER_NODE=2", out=out)
+    job, state = batch(
+        "torchrun.sbatch",
+        "--config",
+        SMOKE,
+        f"log.run_dir={tmp_path / 'run'}",
+        options=("--nodes=2", "--cpus-per-task=2"),
+        export=f"{SBATCH_ENV},NPROC_PER_NODE=2",
+        out=out,
+    )
     log = out.read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "on 4 x cpu" in log
@@ -90,8 +108,21 @@ def test_torchrun_sbatch_two_nodes_two_processes_each(one_process, tmp_path):
 
 def test_launcher_two_node_job_survives_preemption(preemptible_reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = ok(submit(*PREEMPTIBLE, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1",
-                     f"log.run_dir={run_dir}", cwd=tmp_path))
+    proc = ok(
+        submit(
+            *PREEMPTIBLE,
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "2",
+            "--tasks-per-node",
+            "1",
+            "--cpus-per-task",
+            "1",
+            f"log.run_dir={run_dir}",
+            cwd=tmp_path,
+        )
+    )
     job = job_id_of(proc.stdout)
     log = run_dir / "submitit" / f"{job}_0_log.out"
     wait_for(lambda: log.exists() and re.search(r"^epoch 1 step \d+/64", log.read_text(), re.M), 120, "training")

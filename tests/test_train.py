@@ -66,7 +66,9 @@ def test_resume_is_exact(tmp_path, smoke_args):
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
     runs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, tmp_path / "run")]
-    assert [(m["epoch"], m["train_loss"], m["test_acc"]) for m in runs[0]] == [(m["epoch"], m["train_loss"], m["test_acc"]) for m in runs[1]]
+    assert [(m["epoch"], m["train_loss"], m["test_acc"]) for m in runs[0]] == [
+        (m["epoch"], m["train_loss"], m["test_acc"]) for m in runs[1]
+    ]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_args):
@@ -83,13 +85,16 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_arg
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lrr=0.1", "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    ("trian.epochs=3", "error: unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
-    ("train.epochs=three", "error: config key 'train.epochs' expects an int, got 'three'"),
-    ("train.batch_size=0", "error: config key 'train.batch_size' must be >= 1, got 0"),
-    ("optim.lr=-1", "error: config key 'optim.lr' must be > 0.0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=0.1", "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("trian.epochs=3", "error: unknown config key 'trian.epochs' (did you mean 'train.epochs'?)"),
+        ("train.epochs=three", "error: config key 'train.epochs' expects an int, got 'three'"),
+        ("train.batch_size=0", "error: config key 'train.batch_size' must be >= 1, got 0"),
+        ("optim.lr=-1", "error: config key 'optim.lr' must be > 0.0, got -1.0"),
+    ],
+)
 def test_config_errors_are_one_line(tmp_path, override, expected):
     proc = train("--config", SMOKE, override, cwd=tmp_path)
     assert proc.returncode == 2
@@ -98,7 +103,9 @@ def test_config_errors_are_one_line(tmp_path, override, expected):
 
 def test_missing_config_file_is_one_line(tmp_path):
     proc = train("--config", "nope.yaml", cwd=tmp_path)
-    assert one_error_line(proc) == "error: config file 'nope.yaml' not found; pass an existing YAML file to --config (see configs/)"
+    assert (
+        one_error_line(proc) == "error: config file 'nope.yaml' not found; pass an existing YAML file to --config (see configs/)"
+    )
 
 
 def test_yaml_with_python_tags_is_refused(tmp_path):
@@ -134,8 +141,15 @@ def test_readme_train_command_runs(tmp_path):
 
 def test_missing_cifar10_without_network_is_one_line(tmp_path):
     """No dataset and no way to download it: exit non-zero with where to put the files, never synthetic data."""
-    proc = train("--config", SMOKE, "data.name=cifar10", f"data.root={tmp_path / 'data'}", "data.download=false",
-                 f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = train(
+        "--config",
+        SMOKE,
+        "data.name=cifar10",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        f"log.run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     line = one_error_line(proc)
     assert f"CIFAR-10 is not in {tmp_path / 'data'}/cifar-10-batches-py" in line
     assert "cifar-10-python.tar.gz" in line and "data.name=synthetic" in line
@@ -144,8 +158,15 @@ def test_missing_cifar10_without_network_is_one_line(tmp_path):
 
 def test_failed_cifar10_download_is_one_line(tmp_path):
     """data.download=true with no network (this machine and CI reach package registries only)."""
-    proc = train("--config", SMOKE, "data.name=cifar10", f"data.root={tmp_path / 'data'}", "data.download=true",
-                 f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = train(
+        "--config",
+        SMOKE,
+        "data.name=cifar10",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=true",
+        f"log.run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     line = one_error_line(proc)
     assert "the download failed" in line and "cifar-10-python.tar.gz" in line and "data.name=synthetic" in line
 
@@ -155,8 +176,18 @@ def test_trains_on_cifar10_files(tmp_path):
     from conftest import write_cifar10
 
     write_cifar10(tmp_path / "data", per_batch=200, test=200)
-    proc = ok(train("--config", SMOKE, "data.name=cifar10", f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
-                    "train.epochs=3", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    proc = ok(
+        train(
+            "--config",
+            SMOKE,
+            "data.name=cifar10",
+            f"data.root={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.epochs=3",
+            f"log.run_dir={tmp_path / 'run'}",
+            cwd=tmp_path,
+        )
+    )
     assert "(1000 train / 200 test images)" in proc.stdout
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["test_count"] == 200 and metrics[-1]["test_acc"] > 0.5

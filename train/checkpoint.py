@@ -42,8 +42,13 @@ def versions() -> dict[str, str]:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             return "unknown"
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": version("torchvision"), "cifar-scaffold": version("cifar-scaffold")}
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": version("torchvision"),
+        "cifar-scaffold": version("cifar-scaffold"),
+    }
 
 
 def _feed(h, obj) -> None:
@@ -237,7 +242,9 @@ def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e) or "weights_only" in str(e):
-            raise CheckpointError(f"checkpoint {path} holds pickled Python objects, not only tensors; refusing to run code from it") from None
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects, not only tensors; refusing to run code from it"
+            ) from None
         raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "model" not in payload or "digest" not in payload:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'digest' entries)")
@@ -269,4 +276,3 @@ def find_resumable(folder: Path, check) -> tuple[Path | None, list[str]]:
         except CheckpointError as e:
             problems.append(str(e))
     return None, problems
-

@@ -39,13 +39,18 @@ class DataConfig:
     name: str = "cifar10"  # cifar10 | imagefolder | synthetic
     root: str = "data"  # cifar10: the folder holding cifar-10-batches-py/; imagefolder: holds train/<class>/* and test/<class>/*
     download: bool = True  # cifar10 missing from root: fetch the official archive (md5 checked); never falls back to synthetic
-    augment: tuple[str, ...] = ("crop", "flip")  # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
+    augment: tuple[str, ...] = (
+        "crop",
+        "flip",
+    )  # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
     image_size: int = 32  # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32)
     synthetic_train: int = 5000  # synthetic: training images (class patterns plus noise, fixed by synthetic_seed)
     synthetic_test: int = 1000  # synthetic: test images
     synthetic_classes: int = 10  # synthetic: number of classes
     synthetic_seed: int = 0  # synthetic: the same seed gives the same images everywhere
-    cache_dir: str = "~/.cache/cifar-scaffold"  # decoded datasets as .npy files, memory-mapped and so shared by the ranks of a node
+    cache_dir: str = (
+        "~/.cache/cifar-scaffold"  # decoded datasets as .npy files, memory-mapped and so shared by the ranks of a node
+    )
     workers: int = 0  # DataLoader workers; batches are slices of an in-memory uint8 tensor, so the main process is enough
 
     def __post_init__(self):
@@ -59,14 +64,18 @@ class DataConfig:
         _at_least("data.workers", self.workers, 0)
         cores = len(os.sched_getaffinity(0))
         if self.workers > 4 * cores:
-            raise ConfigError(f"config key 'data.workers' is {self.workers}, more than 4x this machine's {cores} cores; use at most {4 * cores} (0 is usually fastest here)")
+            raise ConfigError(
+                f"config key 'data.workers' is {self.workers}, more than 4x this machine's {cores} cores; use at most {4 * cores} (0 is usually fastest here)"
+            )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn"  # cnn: the seed's CIFAR-10 CNN | vgg16: torchvision's VGG16
     head: str = "replace"  # vgg16 only: replace classifier[6] with Linear(4096, C), or append Linear(1000, C) to the classifier (the seed's two ways)
-    pretrained: bool | str = False  # vgg16 only: true = torchvision's IMAGENET1K_V1 weights (torch hub cache), or a path to a state_dict file
+    pretrained: bool | str = (
+        False  # vgg16 only: true = torchvision's IMAGENET1K_V1 weights (torch hub cache), or a path to a state_dict file
+    )
     freeze_features: bool = False  # vgg16 only: train the classifier only
     channels_last: bool = True  # NHWC memory format: measured faster for these convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model; checkpoints keep plain key names either way
@@ -105,7 +114,9 @@ class TrainConfig:
     batch_size: int = 128  # global: each of N ranks takes batch_size / N
     seed: int = 0  # model init, shuffling and augmentation; each rank derives its own augmentation stream from it
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~11x slower on CPUs without bf16 units) | bf16 | fp16 | fp32
+    amp: str = (
+        "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~11x slower on CPUs without bf16 units) | bf16 | fp16 | fp32
+    )
     threads: int = 0  # CPU threads per rank; 0: the cores this process may use divided by the ranks on this node
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     save_every_steps: int = 0  # also write last.pt every N optimizer steps (0: at the end of each epoch only)
@@ -127,14 +138,19 @@ class TrainConfig:
 class DistConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise | nccl | gloo
     timeout_s: float = 300.0  # a collective that waits longer (a rank died) fails the run instead of hanging
-    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")  # on these, all ranks stop at the next step, rank 0 saves last.pt, exit code 75
+    stop_signals: tuple[str, ...] = (
+        "SIGTERM",
+        "SIGUSR1",
+    )  # on these, all ranks stop at the next step, rank 0 saves last.pt, exit code 75
 
     def __post_init__(self):
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
         _above("dist.timeout_s", self.timeout_s, 0.0)
         for name in self.stop_signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
-                raise ConfigError(f"config key 'dist.stop_signals' has {name!r}, which is not a signal name (e.g. SIGTERM, SIGUSR1)")
+                raise ConfigError(
+                    f"config key 'dist.stop_signals' has {name!r}, which is not a signal name (e.g. SIGTERM, SIGUSR1)"
+                )
 
 
 @dataclass(frozen=True)
@@ -168,13 +184,27 @@ class Config:
 
 # Keys that may differ between a run folder's config and the config that resumes it:
 # where and how the run executes, not what it computes.
-RESUMABLE_CHANGES = frozenset({
-    "train.epochs", "train.device", "train.threads", "train.save_every_steps", "train.save_in_background",
-    "data.root", "data.download", "data.cache_dir", "data.workers",
-    "dist.backend", "dist.timeout_s", "dist.stop_signals",
-    "log.every_steps", "log.progress", "log.tensorboard", "log.graph",
-    "model.compile",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.epochs",
+        "train.device",
+        "train.threads",
+        "train.save_every_steps",
+        "train.save_in_background",
+        "data.root",
+        "data.download",
+        "data.cache_dir",
+        "data.workers",
+        "dist.backend",
+        "dist.timeout_s",
+        "dist.stop_signals",
+        "log.every_steps",
+        "log.progress",
+        "log.tensorboard",
+        "log.graph",
+        "model.compile",
+    }
+)
 
 
 def _choice(key, value, choices):
@@ -358,8 +388,10 @@ def override(cfg: Config, overrides: list[str], sections: tuple[str, ...] | None
 
 def to_dict(cfg: Config) -> dict:
     """Plain dicts and lists, for YAML, JSON and checkpoints (tuples become lists)."""
+
     def plain(v):
         return list(v) if isinstance(v, tuple) else v
+
     return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in _sections()}
 
 
@@ -396,7 +428,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. optim.lr=0.1 train.epochs=5")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override config values, e.g. optim.lr=0.1 train.epochs=5"
+    )
 
 
 def from_args(args: argparse.Namespace) -> Config:

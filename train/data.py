@@ -59,6 +59,7 @@ class Datasets:
 
 # ---------------------------------------------------------------------------- loading
 
+
 def load(cfg: DataConfig, dist) -> Datasets:
     """The configured dataset; files are prepared once per node, then memory-mapped by every rank."""
     if cfg.name == "synthetic":
@@ -130,6 +131,7 @@ def _cache_root(cfg: DataConfig) -> Path:
 
 # ---------------------------------------------------------------------------- CIFAR-10
 
+
 def cifar10_folder(root: str | Path, download: bool) -> Path:
     """The `cifar-10-batches-py` folder under `root`: present, extracted from the archive, or downloaded."""
     root = Path(os.path.expanduser(root))
@@ -144,7 +146,9 @@ def cifar10_folder(root: str | Path, download: bool) -> Path:
             tv_utils.extract_archive(str(archive), str(root))
         except Exception as e:  # tarfile and gzip raise several types for a damaged archive
             if not download:
-                raise UserError(f"cannot extract {archive} ({e}); delete it and put a good copy there, or set data.download=true") from None
+                raise UserError(
+                    f"cannot extract {archive} ({e}); delete it and put a good copy there, or set data.download=true"
+                ) from None
             archive.unlink()
         else:
             return _checked_folder(root)
@@ -188,15 +192,21 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     except Exception as e:
-        raise UserError(f"CIFAR-10 file {path} cannot be read ({type(e).__name__}: {e}); replace it with the official file") from None
+        raise UserError(
+            f"CIFAR-10 file {path} cannot be read ({type(e).__name__}: {e}); replace it with the official file"
+        ) from None
     if len(data) != len(labels):
-        raise UserError(f"CIFAR-10 file {path} holds {len(data)} images but {len(labels)} labels; replace it with the official file")
+        raise UserError(
+            f"CIFAR-10 file {path} holds {len(data)} images but {len(labels)} labels; replace it with the official file"
+        )
     return data, labels
 
 
 def read_cifar10(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    parts = {split: [_read_batch(folder / f) for f in files]
-             for split, files in (("train", CIFAR10_TRAIN_FILES), ("test", CIFAR10_TEST_FILES))}
+    parts = {
+        split: [_read_batch(folder / f) for f in files]
+        for split, files in (("train", CIFAR10_TRAIN_FILES), ("test", CIFAR10_TEST_FILES))
+    }
     arrays = {}
     for split, batches in parts.items():
         arrays[f"{split}_images"] = np.concatenate([b[0] for b in batches])
@@ -221,6 +231,7 @@ def _cifar10_cache(cfg: DataConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------- image folders
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB: alpha dropped (as the seed's convert('RGB')), 16-bit scaled, CMYK converted."""
@@ -260,8 +271,13 @@ def _folder_listing(split_dir: Path, classes: list[str] | None) -> tuple[list[tu
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise UserError(f"{split_dir} has classes not in train/: {', '.join(unknown)}; every test class needs training images")
-    items = [(p, i) for i, c in enumerate(classes) if (split_dir / c).is_dir()
-             for p in sorted((split_dir / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    items = [
+        (p, i)
+        for i, c in enumerate(classes)
+        if (split_dir / c).is_dir()
+        for p in sorted((split_dir / c).iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     if not items:
         raise UserError(f"image folder {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return items, classes
@@ -283,6 +299,7 @@ def _imagefolder_cache(cfg: DataConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------- synthetic
+
 
 def synthetic(n_train: int, n_test: int, n_classes: int = 10, seed: int = 0, size: int = 32) -> Datasets:
     """A learnable dataset, the same for the same seed: one smooth colour pattern per class, plus noise.
@@ -308,6 +325,7 @@ def synthetic(n_train: int, n_test: int, n_classes: int = 10, seed: int = 0, siz
 
 
 # ---------------------------------------------------------------------------- loaders
+
 
 class _Batches(Dataset):
     """A dataset whose items are whole batches: `ds[index_tensor]` is one tensor index."""
@@ -338,11 +356,12 @@ class _IndexBatches:
         # one host-to-device copy per epoch when the data lives on a GPU, none per step
         order = torch.as_tensor(list(self.order), dtype=torch.long).to(self.device)
         for i in range(self.start, self.start + len(self)):
-            yield order[i * self.batch:(i + 1) * self.batch]
+            yield order[i * self.batch : (i + 1) * self.batch]
 
 
-def train_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int,
-                 epoch: int, start_batch: int = 0, workers: int = 0) -> DataLoader:
+def train_loader(
+    split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int, start_batch: int = 0, workers: int = 0
+) -> DataLoader:
     """This rank's batches of one epoch: shuffled by (seed, epoch), split across ranks, full batches only."""
     sampler = DistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -369,6 +388,7 @@ def _loader(split: Split, order, batch: int, drop_last: bool, start: int, worker
 
 # ---------------------------------------------------------------------------- augmentation
 
+
 class Preprocess:
     """uint8 batches to normalised float batches on the device; training batches augmented first.
 
@@ -377,8 +397,15 @@ class Preprocess:
     shape): a step allocates nothing but a few bytes of random choices and indices.
     """
 
-    def __init__(self, augment: tuple[str, ...], device: torch.device, channels_last: bool,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD, pad: int = 4):
+    def __init__(
+        self,
+        augment: tuple[str, ...],
+        device: torch.device,
+        channels_last: bool,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        pad: int = 4,
+    ):
         self.augment, self.device, self.pad = augment, device, pad
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -435,8 +462,12 @@ class CropFlip:
         rows = torch.arange(h, device=device)[:, None]
         cols = torch.arange(w, device=device)[None, :]
         width = w + 2 * pad
-        table = [((dy + rows) * width + dx + (w - 1 - cols if mirrored else cols)).reshape(-1)
-                 for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for mirrored in ((False, True) if flip else (False,))]
+        table = [
+            ((dy + rows) * width + dx + (w - 1 - cols if mirrored else cols)).reshape(-1)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for mirrored in ((False, True) if flip else (False,))
+        ]
         self.table = torch.stack(table)  # (choices, H * W) int64
         self.buffers: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -446,7 +477,7 @@ class CropFlip:
         if x.shape not in self.buffers:  # the padding stays zero: only the middle is ever written
             self.buffers[x.shape] = (x.new_zeros(b, c, h + 2 * p, w + 2 * p), x.new_empty(b, c, h * w))
         padded, out = self.buffers[x.shape]
-        padded[:, :, p:p + h, p:p + w] = x
+        padded[:, :, p : p + h, p : p + w] = x
         choice = torch.randint(0, len(self.table), (b,), generator=gen, device=x.device)
         index = self.table[choice].unsqueeze(1).expand(b, c, h * w)
         return torch.gather(padded.view(b, c, -1), 2, index, out=out).view(b, c, h, w)

@@ -91,7 +91,9 @@ def _first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: `scontrol show hostnames` where it exists, else parsed here."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True).stdout
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
             if out.split():
                 return out.split()[0]
         except (subprocess.SubprocessError, OSError):
@@ -167,14 +169,25 @@ def peer_failure(exc: BaseException, launch: Launch) -> str | None:
     if launch.world_size == 1:
         return None
     text = str(exc)
-    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Connection refused", "timed out", "Timed out",
-               "Socket Timeout", "Broken pipe")
+    markers = (
+        "gloo",
+        "NCCL",
+        "Connection reset",
+        "Connection closed",
+        "Connection refused",
+        "timed out",
+        "Timed out",
+        "Socket Timeout",
+        "Broken pipe",
+    )
     if not isinstance(exc, dist.DistError) and not any(m in text for m in markers):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     first = first.split(" This is typically caused")[0][:200]
-    return (f"rank {launch.rank} of {launch.world_size} lost contact with the other ranks ({first}); "
-            f"one of them failed or was killed (see its log). Rerun the same command to resume from the last checkpoint")
+    return (
+        f"rank {launch.rank} of {launch.world_size} lost contact with the other ranks ({first}); "
+        f"one of them failed or was killed (see its log). Rerun the same command to resume from the last checkpoint"
+    )
 
 
 def _device(preference: str, launch: Launch) -> torch.device:
@@ -186,7 +199,9 @@ def _device(preference: str, launch: Launch) -> torch.device:
         raise UserError(f"train.device={preference} but CUDA is not available here; use train.device=cpu (or auto)")
     if ":" in preference:
         if launch.world_size > 1:
-            raise UserError(f"train.device={preference} names one GPU, but {launch.world_size} ranks each need their own; use train.device=cuda")
+            raise UserError(
+                f"train.device={preference} names one GPU, but {launch.world_size} ranks each need their own; use train.device=cuda"
+            )
         return torch.device(preference)
     visible = torch.cuda.device_count()
     if launch.local_rank >= visible:
@@ -200,16 +215,24 @@ def _device(preference: str, launch: Launch) -> torch.device:
 def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
     """The rendezvous store: torchrun's agent serves one; otherwise rank 0 serves it at MASTER_ADDR:PORT."""
     if launch.master_port == 0:  # torchrun --master_port=0 passes 0 on, not the port its store took
-        raise UserError("MASTER_PORT is 0, so the ranks cannot find the rendezvous store; give torchrun "
-                        "--master_port=<a free port> (or use --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT)")
+        raise UserError(
+            "MASTER_PORT is 0, so the ranks cannot find the rendezvous store; give torchrun "
+            "--master_port=<a free port> (or use --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT)"
+        )
     if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The agent's store outlives a restart of the workers. Without a prefix per attempt, the
         # restarted ranks read the dead ranks' gloo addresses and fail with "Connection refused".
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         agent = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=timeout)
         return dist.PrefixStore(f"/scaffold/attempt_{attempt}", agent)
-    return dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=launch.rank == 0,
-                         timeout=timeout, wait_for_workers=False)
+    return dist.TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        launch.world_size,
+        is_master=launch.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
 
 
 def ipv4_of(interface: str) -> str | None:
@@ -278,8 +301,7 @@ def _bind_to_network(launch: Launch) -> str | None:
 
 
 @contextlib.contextmanager
-def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
-          launch: Launch | None = None) -> Iterator[Dist]:
+def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0, launch: Launch | None = None) -> Iterator[Dist]:
     """Join the process group (if several processes), pick the device; always leave the group on exit."""
     launch = launch or detect()
     dev = _device(device, launch)
@@ -293,9 +315,14 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         torch.cuda.set_device(dev)
     interface = _bind_to_network(launch)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=chosen, store=_store(launch, timeout), rank=launch.rank,
-                            world_size=launch.world_size, timeout=timeout,
-                            device_id=dev if chosen == "nccl" else None)
+    dist.init_process_group(
+        backend=chosen,
+        store=_store(launch, timeout),
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=timeout,
+        device_id=dev if chosen == "nccl" else None,
+    )
     try:
         control = dist.new_group(backend="gloo", timeout=timeout) if chosen != "gloo" else None
         yield Dist(launch, dev, chosen, control, interface)

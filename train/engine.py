@@ -66,8 +66,9 @@ def lr_factor(cfg: config.OptimConfig, epochs: int, steps_per_epoch: int):
 
 def make_optimizer(cfg: config.OptimConfig, params) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
@@ -85,8 +86,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, preprocess: data.Preprocess, dist: Dist, num_classes: int,
-             dtype: torch.dtype | None = None) -> dict:
+def evaluate(
+    model: nn.Module, loader, preprocess: data.Preprocess, dist: Dist, num_classes: int, dtype: torch.dtype | None = None
+) -> dict:
     """Loss, accuracy and confusion matrix over the whole split, summed exactly across ranks."""
     device = dist.device
     was_training = model.training
@@ -125,8 +127,10 @@ class Trainer:
         self.checkpoints = cfg.run_dir / "checkpoints"
         world = dist.world_size
         if cfg.train.batch_size % world:
-            raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks; "
-                            f"use a multiple of {world} (it is the global batch, split evenly across ranks)")
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks; "
+                f"use a multiple of {world} (it is the global batch, split evenly across ranks)"
+            )
         self.batch = cfg.train.batch_size // world
 
         self.data = data.load(cfg.data, dist)
@@ -135,8 +139,10 @@ class Trainer:
             self.data.train.images, self.data.train.labels = self.data.train.images.to(device), self.data.train.labels.to(device)
         self.steps_per_epoch = data.steps_per_epoch(len(self.data.train), self.batch, world)
         if self.steps_per_epoch == 0:
-            raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(self.data.train)} training images "
-                            f"(per rank: {len(self.data.train) // world}); lower train.batch_size")
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} is larger than the {len(self.data.train)} training images "
+                f"(per rank: {len(self.data.train) // world}); lower train.batch_size"
+            )
         self.num_classes = len(self.data.classes)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -145,7 +151,8 @@ class Trainer:
         self.model = model.to(memory_format=self.memory_format)  # the unwrapped model: what checkpoints hold
         self.optimizer = make_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(cfg.optim, cfg.train.epochs, self.steps_per_epoch))
+            self.optimizer, lr_factor(cfg.optim, cfg.train.epochs, self.steps_per_epoch)
+        )
         self.amp = amp_dtype(cfg.train.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -155,7 +162,9 @@ class Trainer:
         self.gen.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 1)
         torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 2)
 
-        background = cfg.train.save_in_background == "always" or (cfg.train.save_in_background == "auto" and device.type == "cuda")
+        background = cfg.train.save_in_background == "always" or (
+            cfg.train.save_in_background == "auto" and device.type == "cuda"
+        )
         self.writer = checkpoint.Writer(background=background and dist.is_main)
         self.progress = Progress()
         self.resumed_from = self._resume()
@@ -189,8 +198,9 @@ class Trainer:
             old = config.from_dict(payload["config"])
         except UserError as e:
             raise checkpoint.CheckpointError(f"checkpoint config is not readable ({e})") from None
-        changed = {k: v for k, v in config.differences(old, self.cfg).items()
-                   if k not in config.RESUMABLE_CHANGES and k != "log.run_dir"}
+        changed = {
+            k: v for k, v in config.differences(old, self.cfg).items() if k not in config.RESUMABLE_CHANGES and k != "log.run_dir"
+        }
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:3])
             raise checkpoint.CheckpointError(f"checkpoint was written with a different config ({diff})")
@@ -205,7 +215,8 @@ class Trainer:
             if problems:
                 raise UserError(
                     f"cannot resume from {self.checkpoints}: {'; '.join(dict.fromkeys(problems))}. "
-                    f"Rerun with the run's own config, choose another log.run_dir, or move {self.checkpoints} away to start over")
+                    f"Rerun with the run's own config, choose another log.run_dir, or move {self.checkpoints} away to start over"
+                )
             return None
         payload = checkpoint.load(path, map_location=self.device, verify=False)  # rank 0 verified this file
         self.model.load_state_dict(payload["model"])
@@ -224,8 +235,11 @@ class Trainer:
                 # keep the rejected file for inspection, out of the rotation (it must never become prev.pt)
                 os.replace(self.checkpoints / checkpoint.LAST, self.checkpoints / "last.pt.rejected")
             if len(states) != self.dist.world_size:
-                print(f"warning: {path} was written by {len(states)} rank(s), this run has {self.dist.world_size}: "
-                      f"weights and schedule continue exactly, random augmentation streams start afresh", flush=True)
+                print(
+                    f"warning: {path} was written by {len(states)} rank(s), this run has {self.dist.world_size}: "
+                    f"weights and schedule continue exactly, random augmentation streams start afresh",
+                    flush=True,
+                )
         return path
 
     def _rng_state(self) -> dict:
@@ -258,8 +272,11 @@ class Trainer:
             "rng": states,
             "config": config.to_dict(self.cfg),
             "classes": list(self.data.classes),
-            "preprocess": {"image_size": self.data.train.images.shape[-1],
-                           "mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)},
+            "preprocess": {
+                "image_size": self.data.train.images.shape[-1],
+                "mean": list(data.CIFAR10_MEAN),
+                "std": list(data.CIFAR10_STD),
+            },
         }
         self.writer.save(self.checkpoints, payload, is_best)
 
@@ -283,13 +300,16 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.info(f"resumed from {self.resumed_from} at epoch {p.epoch} step {p.step}")
         if p.epoch >= cfg.train.epochs and p.batch == 0:
-            self.logger.info(f"{cfg.run_dir} already finished {p.epoch} epochs (best test_acc {max(p.best_acc, 0):.4f}); "
-                             f"nothing to do. Raise train.epochs to train on, or choose another log.run_dir")
+            self.logger.info(
+                f"{cfg.run_dir} already finished {p.epoch} epochs (best test_acc {max(p.best_acc, 0):.4f}); "
+                f"nothing to do. Raise train.epochs to train on, or choose another log.run_dir"
+            )
             return EXIT_OK
         self.logger.info(
             f"training {cfg.model.name} on {cfg.data.name} ({len(self.data.train)} train / {len(self.data.test)} test images) "
             f"on {self.dist.world_size} x {self.device} for {cfg.train.epochs} epochs of {self.steps_per_epoch} steps; "
-            f"run folder {cfg.run_dir}")
+            f"run folder {cfg.run_dir}"
+        )
         if self.dist.world_size > self.dist.launch.local_world_size:  # several nodes: say where each rank talks
             where = self.dist.gather(f"{socket.gethostname()} {self.dist.interface} {distributed.ipv4_of(self.dist.interface)}")
             self.logger.info("network: " + ", ".join(f"rank {r} {w}" for r, w in enumerate(where or [])))
@@ -297,17 +317,29 @@ class Trainer:
             if self.train_one_epoch():
                 self.save()
                 self.writer.wait()
-                self.logger.info(f"stopped by signal at epoch {p.epoch} step {p.step}; saved {self.checkpoints / checkpoint.LAST}. "
-                                 f"Rerun the same command to continue")
+                self.logger.info(
+                    f"stopped by signal at epoch {p.epoch} step {p.step}; saved {self.checkpoints / checkpoint.LAST}. "
+                    f"Rerun the same command to continue"
+                )
                 return EXIT_STOPPED
-            test = evaluate(self.model, data.eval_loader(self.data.test, 2 * self.batch, self.dist.rank, self.dist.world_size),
-                            self.preprocess, self.dist, self.num_classes, self.amp)
+            test = evaluate(
+                self.model,
+                data.eval_loader(self.data.test, 2 * self.batch, self.dist.rank, self.dist.world_size),
+                self.preprocess,
+                self.dist,
+                self.num_classes,
+                self.amp,
+            )
             loss_sum, correct, n = self.dist.all_reduce_sum(self.sums.clone()).tolist()
             p.epoch += 1
             metrics = {
-                "epoch": p.epoch, "step": p.step,
-                "train_loss": loss_sum / n, "train_acc": correct / n,
-                "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
+                "epoch": p.epoch,
+                "step": p.step,
+                "train_loss": loss_sum / n,
+                "train_acc": correct / n,
+                "test_loss": test["loss"],
+                "test_acc": test["acc"],
+                "test_count": test["count"],
                 "lr": self.scheduler.get_last_lr()[0],
                 "images_per_s": n / max(p.seconds, 1e-9),
             }
@@ -322,17 +354,28 @@ class Trainer:
                 self.logger.info(f"stopped by signal after epoch {p.epoch}; rerun the same command to continue")
                 return EXIT_STOPPED
         self.writer.wait()
-        self.logger.hparams(config.flatten(cfg), {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"],
-                                                  "best_test_acc": p.best_acc})
-        self.logger.info(f"done: test_acc {metrics['test_acc']:.4f} (best {p.best_acc:.4f}); "
-                         f"checkpoints in {self.checkpoints}, TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+        self.logger.hparams(
+            config.flatten(cfg), {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "best_test_acc": p.best_acc}
+        )
+        self.logger.info(
+            f"done: test_acc {metrics['test_acc']:.4f} (best {p.best_acc:.4f}); "
+            f"checkpoints in {self.checkpoints}, TensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}"
+        )
         return EXIT_OK
 
     def train_one_epoch(self) -> bool:
         """Train to the end of the epoch; True when a stop signal ended it early (at a step boundary)."""
         p, cfg = self.progress, self.cfg
-        loader = data.train_loader(self.data.train, self.batch, self.dist.rank, self.dist.world_size, cfg.train.seed,
-                                   p.epoch, start_batch=p.batch, workers=cfg.data.workers)
+        loader = data.train_loader(
+            self.data.train,
+            self.batch,
+            self.dist.rank,
+            self.dist.world_size,
+            cfg.train.seed,
+            p.epoch,
+            start_batch=p.batch,
+            workers=cfg.data.workers,
+        )
         self.net.train()
         start = self._tick = time.perf_counter()
         try:
@@ -384,7 +427,7 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Stop, naming the step, if any rank saw a non-finite loss since the last check (a sync point)."""
-        values = self.losses[:self.window]
+        values = self.losses[: self.window]
         bad = ~torch.isfinite(values)
         local = bool(bad.any())
         if not self.dist.any(local):
@@ -395,19 +438,27 @@ class Trainer:
         self.writer.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
         last = self.checkpoints / checkpoint.LAST
         saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-        raise NonFiniteLoss(f"loss became {kind} at step {first} (epoch {p.epoch + 1}); stopped without saving, {saved}. "
-                            f"Lower optim.lr (now {self.cfg.optim.lr}) or check the data")
+        raise NonFiniteLoss(
+            f"loss became {kind} at step {first} (epoch {p.epoch + 1}); stopped without saving, {saved}. "
+            f"Lower optim.lr (now {self.cfg.optim.lr}) or check the data"
+        )
 
     def _log_window(self) -> None:
         self._check_finite()
         self.writer.check()  # a background write that failed stops the run here
         now = time.perf_counter()
         p = self.progress
-        mean_loss = self.losses[:self.window].mean().item()
+        mean_loss = self.losses[: self.window].mean().item()
         images = self.window * self.batch * self.dist.world_size
-        self.logger.step(p.epoch + 1, p.batch, self.steps_per_epoch, p.step, mean_loss,
-                         self.scheduler.get_last_lr()[0], images / max(now - self._tick, 1e-9))
+        self.logger.step(
+            p.epoch + 1,
+            p.batch,
+            self.steps_per_epoch,
+            p.step,
+            mean_loss,
+            self.scheduler.get_last_lr()[0],
+            images / max(now - self._tick, 1e-9),
+        )
         self._tick = now
         self._fold()
         self.window = self.folded = 0
-

@@ -39,8 +39,11 @@ class Logger:
         """Drop metrics lines of epochs the checkpoint does not hold (a run killed after logging, before saving)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= epochs]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= epochs
+        ]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:

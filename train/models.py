@@ -72,11 +72,15 @@ def _imagenet_weights(torchvision) -> dict:
 
 def _weights_file(path: Path, model: nn.Module) -> dict:
     if not path.is_file():
-        raise UserError(f"model.pretrained file {path} not found; give an existing VGG16 state_dict file, true for ImageNet weights, or false")
+        raise UserError(
+            f"model.pretrained file {path} not found; give an existing VGG16 state_dict file, true for ImageNet weights, or false"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"model.pretrained file {path} is not a loadable state_dict ({type(e).__name__}); give a VGG16 state_dict saved with torch.save") from None
+        raise UserError(
+            f"model.pretrained file {path} is not a loadable state_dict ({type(e).__name__}); give a VGG16 state_dict saved with torch.save"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # one of this project's checkpoints
     expected = model.state_dict()
@@ -89,4 +93,3 @@ def build(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.name == "cnn":
         return SeedCNN(num_classes)
     return _vgg16(cfg, num_classes)
-
