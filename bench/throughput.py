@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import config, data, engine, models
+from train import config, data, engine, models, runtime
 from train.distributed import Dist, Launch
+from train.optimizer import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR10_EPOCH_STEPS = 50000 // 128  # the defaults: a checkpoint every 390 steps
@@ -76,8 +77,8 @@ class Limit:
         torch.manual_seed(0)
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.model = models.build(cfg.model, 10).to(device, memory_format=fmt)
-        self.opt = engine.make_optimizer(cfg.optim, self.model.parameters())
-        self.dtype = engine.amp_dtype(cfg.train.amp, device)
+        self.opt = make_optimizer(cfg.optim, self.model.parameters())
+        self.dtype = runtime.DTYPES[runtime.amp_setting(cfg.train.amp, device)]
         self.x = torch.randn(cfg.train.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, 10, (cfg.train.batch_size,), device=device)
         self.net = torch.compile(self.model) if cfg.model.compile else self.model
@@ -104,7 +105,8 @@ class TrainerLoop:
     """
 
     def __init__(self, cfg: config.Config, device: torch.device, save: bool):
-        self.trainer = engine.Trainer(cfg, Dist(Launch("single"), device, None), stop=_NeverStop())
+        chosen, _ = runtime.resolve(cfg, Launch("single"))
+        self.trainer = engine.Trainer(cfg, chosen, Dist(Launch("single"), device, None), stop=_NeverStop())
         self.save = save
 
     def run(self, steps: int) -> int:
@@ -113,9 +115,9 @@ class TrainerLoop:
         if self.save and p.step:
             self.trainer.save()
         self.trainer.train_one_epoch()
-        self.trainer.writer.wait()
-        p.epoch, p.batch = p.epoch + 1, 0
-        return steps * self.trainer.batch
+        self.trainer.saver.wait()
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        return steps * self.trainer.batch_per_rank
 
 
 class _NeverStop:
@@ -237,7 +239,7 @@ def bench_choices(device: torch.device, rounds: int, workdir: Path) -> dict:
         for k, (o, steps) in options.items()
     }
     samples: dict[str, list[float]] = {k: [] for k in variants}
-    for v, steps in variants.values():
+    for v, _ in variants.values():
         v.run(2)
     for r in range(rounds):
         for key, (v, steps) in variants.items():

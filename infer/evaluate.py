@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from infer import loading
-from train import config, data, distributed, engine
-from train.errors import UserError
+from train import cli, config, data, distributed, engine, runtime
+from train.cli import UserError
 
 
 def data_config(saved: config.Config | None, overrides: list[str]) -> config.DataConfig:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     # the trainer's evaluation batch (twice the training batch per rank) and precision: the same numbers
     batch = args.batch_size or 2 * (train_cfg.batch_size if train_cfg else 128)
     loader = data.eval_loader(datasets.test, max(1, batch // dist.world_size), dist.rank, dist.world_size)
-    dtype = engine.amp_dtype(train_cfg.amp, dist.device) if train_cfg else None
+    dtype = runtime.DTYPES[runtime.amp_setting(train_cfg.amp, dist.device)] if train_cfg else None
     result = engine.evaluate(loaded.model, loader, loaded.preprocess(dist.device), dist, len(classes), dtype)
     if not dist.is_main:
         return None
@@ -146,7 +146,7 @@ def write_outputs(report: dict, out: Path | None, tensorboard: Path | None) -> N
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = config.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="infer/evaluate.py",
         description="Accuracy, per-class accuracy and confusion matrix of a checkpoint on a test split.",
         epilog="example: torchrun --nproc_per_node=2 infer/evaluate.py --checkpoint runs/cifar10_cnn/checkpoints/best.pt "
@@ -176,19 +176,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    launch = distributed.detect()
-    try:
-        loading.device(args.device)  # a missing GPU is one line before any process group forms
-        with distributed.setup(args.device, launch=launch) as dist:
+
+    def body() -> int:
+        launch = distributed.detect()
+        dev = loading.device(args.device, launch)  # a missing GPU is one line before any process group forms
+        with distributed.setup(launch, dev, runtime.backend("auto", dev, launch)) as dist:
             report = run(args, dist)
         if report is not None:
             print(json.dumps(report, indent=2) if args.json else table(report), flush=True)
             write_outputs(report, args.out, args.tensorboard)
-    except UserError as e:
-        prefix = f"[rank {launch.rank}] " if launch.rank else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    return 0
+        return cli.Exit.OK
+
+    return cli.guarded(body)
 
 
 if __name__ == "__main__":

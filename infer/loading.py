@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train import checkpoint, config, data, models
+from train import augment, checkpoint, config, data, models, runtime
 from train.checkpoint import CheckpointError
-from train.errors import UserError
+from train.distributed import Launch
 
 # The seed resized to 32x32 and used ToTensor() only: pixels in [0, 1], no mean/std normalisation.
 SEED_IMAGE_SIZE = 32
@@ -56,9 +56,9 @@ class Loaded:
     epoch: int  # completed training epochs (0 when the file does not say)
     kind: str  # "checkpoint" | "state_dict" | "whole model"
 
-    def preprocess(self, device: torch.device) -> data.Preprocess:
+    def preprocess(self, device: torch.device) -> augment.Preprocess:
         """uint8 batches (B, 3, H, W) to the normalised float batches the model was trained on."""
-        return data.Preprocess((), device, self.channels_last, self.mean, self.std)
+        return augment.Preprocess((), device, self.channels_last, self.mean, self.std)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept a whole pickled model: loading it runs code from the file, so only for files you trust",
     )
     parser.add_argument(
-        "--device", default="auto", type=_device_name, help="auto (CUDA when there is one, else the CPU), cpu, cuda or cuda:N"
+        "--device",
+        default="auto",
+        type=_device_name,
+        help="auto (CUDA when there is one, else the CPU), cpu, cuda (under torchrun: each rank's own) or cuda:N",
     )
     parser.add_argument(
         "--mean",
@@ -95,22 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device_name(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+    if not re.fullmatch(config.DEVICE_NAMES, text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
 
 
-def device(name: str) -> torch.device:
-    """--device as a torch.device; a GPU that is not there is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    count = torch.cuda.device_count() if dev.type == "cuda" else 0
-    if dev.type == "cuda" and not count:
-        raise UserError(f"--device {name}, but CUDA is not available here; use --device cpu (or auto)")
-    if dev.type == "cuda" and (dev.index or 0) >= count:
-        raise UserError(f"--device {name}, but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return dev
+def device(name: str, launch: Launch | None = None) -> torch.device:
+    """--device as a torch.device for this process (train/runtime.py's rules); a GPU that is not there is one line."""
+    return runtime.device(name, launch or Launch("single"), key="--device")
 
 
 def from_args(args: argparse.Namespace, dev: torch.device) -> Loaded:
@@ -126,7 +121,7 @@ def load(path: Path, dev: torch.device, model_name: str | None = None, unsafe: b
     kind = "state_dict"
     if isinstance(obj, nn.Module):  # a whole model: keep its weights, rebuild the model from the registry
         obj, kind = obj.state_dict(), "whole model"
-    if isinstance(obj, dict) and "model" in obj and "digest" in obj:
+    if checkpoint.is_checkpoint(obj):
         return _project_checkpoint(path, obj, dev)
     state = _state_dict(obj)
     if state is None:
@@ -206,26 +201,22 @@ class _SeedPickle:
 
 
 def _project_checkpoint(path: Path, payload: dict, dev: torch.device) -> Loaded:
-    checkpoint.check_digest(payload, path)
-    try:
-        cfg = config.from_dict(payload["config"])
-        classes, prep = list(payload["classes"]), payload["preprocess"]
-    except (KeyError, TypeError, UserError) as e:
-        raise CheckpointError(f"checkpoint {path} lacks a config, classes or preprocess this version can read ({e})") from None
+    found = checkpoint.contents(payload, path)
+    cfg = found.config
     # every weight is in the file: never fetch ImageNet weights for a VGG16 trained from them
-    model = models.build(dataclasses.replace(cfg.model, pretrained=False), len(classes))
-    model = _filled(model, payload["model"], path, f"the {cfg.model.name} model of its config")
+    model = models.build(dataclasses.replace(cfg.model, pretrained=False), len(found.classes))
+    model = _filled(model, found.model, path, f"the {cfg.model.name} model of its config")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Loaded(
         model.to(dev).eval(),
-        classes,
-        int(prep["image_size"]),
-        tuple(prep["mean"]),
-        tuple(prep["std"]),
+        found.classes,
+        found.image_size,
+        found.mean,
+        found.std,
         cfg.model.channels_last,
         cfg,
-        int(payload.get("progress", {}).get("epoch", 0)),
+        found.epoch,
         "checkpoint",
     )
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from infer import loading
-from train import config, data
-from train.errors import UserError
+from train import cli, data
+from train.cli import UserError
 
 BATCH = 64  # images per forward pass; they are small (3 x 32 x 32), so memory is never the limit
 
@@ -99,7 +99,7 @@ def _positive(text: str) -> int:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = config.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="infer/predict.py",
         description="Classify images: a class and its probability per image, from any checkpoint you have.",
         epilog="example: python infer/predict.py --checkpoint runs/cifar10_cnn/checkpoints/best.pt dog.png plane.png photos/",
@@ -120,7 +120,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every image was classified, 2 when any could not be read or the checkpoint was refused."""
     args = parse(argv)
-    try:
+
+    def body() -> int:
         dev = loading.device(args.device)
         loaded = loading.from_args(args, dev)
         if args.classes is not None:
@@ -129,14 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             loaded = dataclasses.replace(loaded, classes=args.classes)
         topk = min(args.topk, len(loaded.classes))
         results = predict(loaded, dev, image_files(args.inputs), topk)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    print(json.dumps(results, indent=2) if args.json else table(results, topk), flush=True)
-    errors = [r["error"] for r in results if "error" in r]
-    for line in errors:
-        print(f"error: {line}", file=sys.stderr, flush=True)
-    return UserError.exit_code if errors else 0
+        print(json.dumps(results, indent=2) if args.json else table(results, topk), flush=True)
+        errors = [r["error"] for r in results if "error" in r]
+        for line in errors:
+            cli.report(line)
+        return cli.Exit.USAGE if errors else cli.Exit.OK
+
+    return cli.guarded(body)
 
 
 if __name__ == "__main__":

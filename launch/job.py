@@ -15,7 +15,7 @@ import signal
 import submitit
 
 from train import main as train_main
-from train.engine import EXIT_OK, EXIT_STOPPED
+from train.cli import Exit, StopFlag
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -28,20 +28,20 @@ class TrainJob(submitit.helpers.Checkpointable):
         # RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT for the trainer's torchrun path. The device
         # comes from the local rank: CUDA_VISIBLE_DEVICES is left as SLURM set it.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        job = submitit.JobEnvironment()
-        preempt = job._usr_sig()  # the signal submitit asked SLURM to send before the time limit
-        stop = train_main.StopFlag([preempt.name])
+        # the signal submitit asked SLURM to send before the time limit (its public setting, USR2 by default)
+        preempt = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+        stop = StopFlag([preempt.name])
         try:
             code = train_main.main(self.argv, stop=stop)
         finally:
             stop.restore()  # submitit's handlers are back in place
         handler = signal.getsignal(preempt)
-        if code == EXIT_STOPPED and preempt in stop.received and callable(handler):
+        if code == Exit.STOPPED and preempt in stop.received and callable(handler):
             # submitit's own handler: on global rank 0 it calls checkpoint(), requeues and exits;
             # on the other ranks it logs and returns (SLURM ends them with the job step).
             handler(preempt, None)
             return code
-        if code != EXIT_OK:
+        if code != Exit.OK:
             raise RuntimeError(f"training exited with code {code} (see the error line above in this log)")
         return code
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import yaml
 
-from train import config
-from train.errors import UserError
+from train import cli, config
+from train.cli import UserError
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = config.ArgumentParser(prog="launch/submit.py", description="Submit train/main.py to SLURM, or run it here.")
+    p = cli.ArgumentParser(prog="launch/submit.py", description="Submit train/main.py to SLURM, or run it here.")
     config.add_arguments(p)
     p.add_argument(
         "--cluster",
@@ -135,7 +135,11 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
 
 
 def batch_script(args: argparse.Namespace, folder: Path, name: str) -> str:
-    """The sbatch file submitit would write, without needing SLURM on this machine."""
+    """The sbatch file submitit would write, without needing SLURM on this machine.
+
+    submitit has no public way to render it: `_make_sbatch_string` and the `submitit.core._submit`
+    command are its own, which is why pyproject.toml pins submitit to the 1.5 series.
+    """
     # imported after main() set SUBMITIT_PREEMPT_SIGNAL: submitit reads it once, at import
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         # submitit reads its preemption signal from the environment when it is imported; the
         # job inherits the variable, so both sides agree
         os.environ["SUBMITIT_PREEMPT_SIGNAL"] = args.signal.upper().removeprefix("SIG")
-    try:
+
+    def body() -> int:
         if args.cluster is None:
             args.cluster = "slurm" if shutil.which("sbatch") else "local"
         if args.cluster == "slurm" and not args.dry_run and not shutil.which("sbatch"):
@@ -194,20 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         folder = root / "submitit"
         name = args.job_name or root.name
         if args.dry_run:
-            if args.cluster == "slurm":
-                print(batch_script(args, folder, name), end="")
-            else:
-                print(
-                    f"# --cluster {args.cluster}: {len(jobs)} job(s) of {args.tasks_per_node or max(1, args.gpus_per_node)} task(s) on this machine"
-                )
-            for cfg, point in jobs:
-                print(f"# config{' for ' + ' '.join(point) if point else ''}:")
-                print(config.dump(cfg), end="")
-            return 0
+            return dry_run(args, jobs, folder, name)
         return submit(args, jobs, root, folder, name)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+
+    return cli.guarded(body)
+
+
+def dry_run(args, jobs, folder: Path, name: str) -> int:
+    if args.cluster == "slurm":
+        print(batch_script(args, folder, name), end="")
+    else:
+        tasks = args.tasks_per_node or max(1, args.gpus_per_node)
+        print(f"# --cluster {args.cluster}: {len(jobs)} job(s) of {tasks} task(s) on this machine")
+    for cfg, point in jobs:
+        print(f"# config{' for ' + ' '.join(point) if point else ''}:")
+        print(config.dump(cfg), end="")
+    return cli.Exit.OK
 
 
 def submit(args, jobs, root: Path, folder: Path, name: str) -> int:

@@ -9,9 +9,9 @@ from PIL import Image
 from torch import nn
 
 from conftest import CIFAR_CLASSES, write_cifar10
-from train import config, data, models
+from train import augment, config, data, models, runtime
+from train.cli import UserError
 from train.distributed import Dist, Launch
-from train.errors import UserError
 
 ONE = Dist(Launch("single"), torch.device("cpu"), None)
 
@@ -104,7 +104,7 @@ def test_batched_crop_and_flip_match_per_image_definitions():
     """Each output image is a 32x32 window of the zero-padded input, mirrored or not; the choices vary."""
     x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
     padded = nn.functional.pad(x, (4, 4, 4, 4))
-    crop_flip = data.CropFlip(32, 32, pad=4, flip=True, device=torch.device("cpu"))
+    crop_flip = augment.CropFlip(32, 32, pad=4, flip=True, device=torch.device("cpu"))
     out = crop_flip(x, torch.Generator().manual_seed(0)).clone()
     choices = set()
     for i in range(256):
@@ -122,7 +122,7 @@ def test_batched_crop_and_flip_match_per_image_definitions():
     assert len({(dy, dx) for dy, dx, _ in choices}) > 60 and {m for _, _, m in choices} == {False, True}
     again = crop_flip(x, torch.Generator().manual_seed(0))
     assert torch.equal(again, out)  # the same generator state, the same batch; the kept buffers hold no stale pixels
-    flip_only = data.CropFlip(32, 32, pad=0, flip=True, device=torch.device("cpu"))(x, torch.Generator().manual_seed(1))
+    flip_only = augment.CropFlip(32, 32, pad=0, flip=True, device=torch.device("cpu"))(x, torch.Generator().manual_seed(1))
     for i in range(256):
         assert torch.equal(flip_only[i], x[i]) or torch.equal(flip_only[i], x[i].flip(2))
     assert not torch.equal(flip_only, x) and not torch.equal(flip_only, x.flip(3))
@@ -130,7 +130,7 @@ def test_batched_crop_and_flip_match_per_image_definitions():
 
 def test_preprocess_normalises_with_cifar10_statistics():
     x = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
-    out = data.Preprocess((), torch.device("cpu"), channels_last=True).test(x)
+    out = augment.Preprocess((), torch.device("cpu"), channels_last=True).test(x)
     expected = (1.0 - torch.tensor(data.CIFAR10_MEAN)) / torch.tensor(data.CIFAR10_STD)
     assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -140,7 +140,7 @@ class SeedModule(nn.Module):
     """A verbatim copy of the seed notes' MyModule (the Sequential version)."""
 
     def __init__(self):
-        super(SeedModule, self).__init__()
+        super().__init__()
         from torch.nn import Conv2d, Flatten, Linear, MaxPool2d
 
         self.model = torch.nn.Sequential(
@@ -202,7 +202,7 @@ def test_vgg16_pretrained_missing_offline_is_one_line(tmp_path, monkeypatch):
 
 
 def test_vgg16_frozen_features_only_train_the_classifier(vgg_weights, monkeypatch):
-    from train.engine import make_optimizer
+    from train.optimizer import make_optimizer
 
     monkeypatch.setenv("TORCH_HOME", str(vgg_weights[0]))
     model = models.build(config.ModelConfig(name="vgg16", pretrained=True, freeze_features=True), 10)
@@ -222,8 +222,9 @@ def test_compiled_model_checkpoints_keep_plain_keys(tmp_path):
     from train.engine import Trainer
 
     cfg = config.from_files_and_overrides(SMOKE, ["model.compile=true", f"log.run_dir={tmp_path / 'run'}"])
-    trainer = Trainer(cfg, ONE, stop=None)
-    assert type(trainer.net).__name__ == "OptimizedModule" and "_orig_mod.model.0.weight" in trainer.net.state_dict()
+    chosen, _ = runtime.resolve(cfg, ONE.launch)
+    trainer = Trainer(cfg, chosen, ONE, stop=None)
+    assert type(trainer.ddp_model).__name__ == "OptimizedModule" and "_orig_mod.model.0.weight" in trainer.ddp_model.state_dict()
     trainer.save()
     keys = list(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert keys == list(models.SeedCNN().state_dict())

@@ -15,6 +15,7 @@ import torch
 from conftest import MAIN, SMOKE, assert_same_weights, env_for_tests, free_port, load, ok, torchrun, train
 from train import data as data_mod
 from train import models
+from train.augment import Preprocess
 from train.config import ModelConfig
 from train.distributed import Dist, Launch, detect
 from train.engine import evaluate
@@ -61,7 +62,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     model.load_state_dict(ckpt["model"])
     ds = data_mod.synthetic(1024, 101)
     one = Dist(Launch("single"), torch.device("cpu"), None)
-    result = evaluate(model, data_mod.eval_loader(ds.test, 64, 0, 1), data_mod.Preprocess((), one.device, True), one, 10)
+    result = evaluate(model, data_mod.eval_loader(ds.test, 64, 0, 1), Preprocess((), one.device, True), one, 10)
     assert result["count"] == 101
     assert result["correct"] == round(logged["test_acc"] * 101)
 
@@ -73,6 +74,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
         "checkpoints/last.pt",
         "config.yaml",
         "metrics.jsonl",
+        "runtime.yaml",
     ]
     out0 = next(logs.rglob("0/stdout.log")).read_text()
     assert "done: test_acc" in out0
@@ -113,9 +115,11 @@ def start_srun_pair(tmp_path, args, **extra):
 
 
 def test_srun_variables_form_a_group_of_two(tmp_path):
-    assert detect(slurm_env(1, 7)) == Launch(
-        "slurm", rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="localhost", master_port=15007
+    launch = detect(slurm_env(1, 7))
+    assert launch == Launch(
+        "slurm", rank=1, local_rank=1, world_size=2, local_world_size=2, master_port=15007, nodelist="localhost"
     )
+    assert launch.master() == "localhost"
     procs = start_srun_pair(tmp_path, ["--config", SMOKE, "train.epochs=1", f"log.run_dir={tmp_path / 'run'}"])
     (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], err0 + err1
@@ -207,7 +211,7 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
     assert "stopped by signal at epoch 0 step" in output, output
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     step = ckpt["progress"]["step"]
-    assert 10 <= step < 32 and ckpt["progress"]["batch"] == step  # mid-epoch, at a step boundary
+    assert 10 <= step < 32 and ckpt["progress"]["step_in_epoch"] == step  # mid-epoch, at a step boundary
     assert f"saved {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in output
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 0 step {step}" in proc.stdout
@@ -245,4 +249,4 @@ def test_single_process_sigterm_exits_75(tmp_path, background):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "Rerun the same command to continue" in out
-    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["batch"] >= 6
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step_in_epoch"] >= 6

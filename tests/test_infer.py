@@ -83,7 +83,7 @@ def test_every_mode_and_size_is_predicted(images, predicted):
     assert Image.open(images / "huge.jpg").size == (4000, 3000)
     assert sorted(predicted) == sorted(IMAGES)
     classes = [f"class_{i}" for i in range(10)]
-    for name, entry in predicted.items():
+    for entry in predicted.values():
         assert "error" not in entry, entry
         probs = [t["prob"] for t in entry["topk"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6, entry

@@ -160,6 +160,7 @@ def test_slurm_two_task_job_completes_and_only_rank_zero_writes(tmp_path):
         "checkpoints/prev.pt",
         "config.yaml",
         "metrics.jsonl",
+        "runtime.yaml",
     ]
     assert len([f for f in outside if "tfevents" in f]) == 2
     rank1 = (run_dir / "submitit" / f"{job}_1_log.out").read_text().splitlines()

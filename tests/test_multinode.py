@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
+from test_launch import job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
 from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, train
-from test_launch import job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
 
 def two_node_problem() -> str | None:
@@ -50,6 +50,7 @@ def only_rank_zero_wrote(run_dir):
         "checkpoints/prev.pt",
         "config.yaml",
         "metrics.jsonl",
+        "runtime.yaml",
     ]
     assert len([f for f in files if "tfevents" in f]) == 2
 

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import torch
 
-from conftest import REPO, SMOKE, load, ok, one_error_line, train
+from conftest import REPO, SMOKE, env_for_tests, load, ok, one_error_line, train
 
 
 def test_seed_cnn_learns_synthetic_data_to_90_percent(tmp_path):
@@ -203,3 +203,49 @@ def test_default_config_file_states_the_defaults():
 def test_main_runs_by_path_from_any_folder(tmp_path):
     proc = ok(train("--help", cwd=tmp_path))
     assert "section.key=value" in proc.stdout
+
+
+def test_rerun_with_fewer_epochs_after_a_mid_epoch_stop_says_what_it_does(tmp_path, smoke_args):
+    """Killed 4 steps into epoch 2 (after a periodic save), rerun with train.epochs=1, the epochs it finished:
+    one line saying there is nothing to do and how to finish epoch 2, exit 0, nothing written."""
+    args = [*smoke_args, "train.save_every_steps=4"]
+    killed = train(*args, cwd=tmp_path, env=env_for_tests(SCAFFOLD_FAULT="step@23"))
+    assert killed.returncode == -9, killed.stderr
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert load(last)["progress"]["step_in_epoch"] == 4  # saved at step 20, 16 steps per epoch
+    before = last.read_bytes()
+    proc = ok(train(*args, "train.epochs=1", cwd=tmp_path))
+    assert f"{tmp_path / 'run'} stopped 4 steps into epoch 2, but train.epochs=1; nothing to do" in proc.stdout
+    assert "Raise train.epochs to 2 to finish that epoch" in proc.stdout
+    assert proc.stderr == "" and last.read_bytes() == before
+
+
+def test_a_checkpoint_from_a_bigger_machine_loads_here(tmp_path, smoke_args):
+    """data.workers=1000, fine on a many-core node, in a checkpoint's config: predict.py reads the file, and a
+    resume with that setting warns and clamps it to this machine instead of refusing the config."""
+    from PIL import Image
+
+    from train import atomic, checkpoint
+
+    ok(train(*smoke_args, "train.epochs=1", cwd=tmp_path))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    payload = {k: v for k, v in load(last).items() if k != "digest"}
+    payload["config"]["data"]["workers"] = 1000
+    payload["digest"] = atomic.digest(payload)
+    torch.save(payload, last)
+    assert checkpoint.load(last)["config"]["data"]["workers"] == 1000
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    ok(run_predict("--checkpoint", last, tmp_path / "red.png", cwd=tmp_path))
+    proc = ok(train(*smoke_args, "train.epochs=1", "data.workers=1000", cwd=tmp_path))
+    assert re.search(
+        r"^warning: data.workers=1000 is more than 4x the \d+ cores this process may use; using \d+$", proc.stdout, re.M
+    ), proc.stdout
+    assert "running on: 1 process on cpu" in proc.stdout and "already finished 1 epochs" in proc.stdout
+
+
+def run_predict(*args, cwd):
+    import sys
+
+    from conftest import run
+
+    return run([sys.executable, REPO / "infer" / "predict.py", *args], cwd=cwd)

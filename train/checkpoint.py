@@ -1,39 +1,90 @@
-"""Checkpoints: atomic writes, a content digest, safe loading, and the one resume file.
+"""The checkpoint contract: what a checkpoint holds, how it is built from a run, checked, found and restored.
 
-Layout in `<run>/checkpoints/`: `last.pt` (the resume contract: the trainer writes it and
-always looks for it), `prev.pt` (the `last.pt` before it, kept so that a damaged `last.pt`
-never costs the run) and `best.pt` (best test accuracy so far). A write goes to a temporary
-file, is fsync'ed and renamed over the target, so a reader never sees half a file and a
-crash or full disk leaves the previous file whole. Every file carries a SHA-256 digest of
-its contents, so a silent bit flip is found on loading instead of being trained on.
+`<run>/checkpoints/` holds `last.pt` (the resume contract: the trainer writes it and always
+looks for it first), `prev.pt` (the `last.pt` before it, so that a damaged `last.pt` never costs
+the run) and `best.pt` (the best test accuracy so far). A checkpoint is one dict, written with
+`torch.save` through `train/atomic.py` (never half written, with a digest) and loaded with
+`weights_only=True` (no code runs from the file):
 
-`Writer` writes either in the caller's thread or, for GPU training, on a thread of its own: the
-trainer hands over a CPU copy of its state and goes on (writing VGG16's 1 GB of weights and
-momentum took longer than one of its CIFAR-10 epochs on an H200).
+    format      FORMAT; a reader refuses a newer format in one line and upgrades an older one
+    model       the unwrapped model's state_dict, no `module.` or `_orig_mod.`: the seed's
+                `model.load_state_dict(torch.load(path)["model"])` works
+    optimizer, scheduler, scaler
+                their state_dicts
+    progress    `Progress`: epochs done, steps taken, the step within the epoch, best accuracy,
+                this epoch's partial sums
+    rng         one dict of random states per rank (torch's CPU stream, the augmentation
+                generator, CUDA's)
+    config      the resolved config as plain dicts: resume compares it, inference rebuilds from it
+    classes     class names in label order
+    preprocess  image_size, mean, std: what inference does to an image before the model
+    versions    python, torch, torchvision and cifar-scaffold that wrote it
+    digest      SHA-256 of all of the above
+
+The engine asks this module to build, resume and save; it does not know the layout, and
+neither does `infer/` (it reads `contents()`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import io
 import os
 import platform
 import threading
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from train import faults
-from train.errors import UserError
+from train import atomic, config
+from train.cli import UserError
+from train.distributed import Dist
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
-FORMAT = 1  # bumped when the layout of the dict changes
+REJECTED = "last.pt.rejected"  # a last.pt that could not be resumed from, kept for inspection
+FORMAT = 2  # 2: progress.batch renamed step_in_epoch. Bump when the layout changes; teach _upgrade the old one
 
 
 class CheckpointError(UserError):
     pass
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    step_in_epoch: int = 0  # steps done in the current epoch (0: at an epoch boundary)
+    best_acc: float = -1.0
+    sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch so far: loss x n, correct, n (all ranks)
+    seconds: float = 0.0  # training time of this epoch so far
+
+
+@dataclass
+class TrainState:
+    """The live objects of a run that a checkpoint saves and restores."""
+
+    model: nn.Module  # unwrapped: what `model` in the checkpoint holds
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # this rank's augmentation stream
+
+    def rng(self) -> dict:
+        """This rank's random streams, on the CPU."""
+        state = {"torch": torch.get_rng_state(), "augment": self.generator.get_state().cpu()}
+        if self.generator.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.generator.device)
+        return state
+
+    def set_rng(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"].cpu())
+        self.generator.set_state(state["augment"].cpu())
+        if self.generator.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.generator.device)
 
 
 def versions() -> dict[str, str]:
@@ -51,113 +102,113 @@ def versions() -> dict[str, str]:
     }
 
 
-def _feed(h, obj) -> None:
-    """Hash a nested checkpoint structure in a fixed order: tensors by their bytes, the rest by repr."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy of them
-    elif isinstance(obj, dict):
-        h.update(b"D")
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _feed(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"L" if isinstance(obj, list) else b"U")
-        for v in obj:
-            _feed(h, v)
-    else:
-        h.update(repr(obj).encode())
+def build(
+    state: TrainState, progress: Progress, rng: list[dict], cfg: config.Config, classes: list[str], preprocess: dict
+) -> dict:
+    """The checkpoint of a run: `rng` holds every rank's random streams, in rank order."""
+    return {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "progress": asdict(progress),
+        "rng": rng,
+        "config": config.to_dict(cfg),
+        "classes": list(classes),
+        "preprocess": dict(preprocess),
+    }
 
 
-def digest(payload: dict) -> str:
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def check_fits(payload: dict, model: nn.Module, cfg: config.Config) -> None:
+    """Raise CheckpointError when a loadable checkpoint does not belong to this run."""
+    state = payload["model"]
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        theirs = payload.get("config", {}).get("model", {}).get("name", "unknown")
+        raise CheckpointError(f"checkpoint holds another model (model.name={theirs}, different layers)")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        old = config.from_dict(payload["config"])
+    except UserError as e:
+        raise CheckpointError(f"checkpoint config is not readable ({e})") from None
+    changed = {k: v for k, v in config.differences(old, cfg).items() if k not in config.RESUMABLE_CHANGES and k != "log.run_dir"}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:3])
+        raise CheckpointError(f"checkpoint was written with a different config ({diff})")
 
 
-def write_atomic(path: Path, data: bytes | None = None, payload: dict | None = None) -> None:
-    """Write bytes (or torch.save a payload) to `path` atomically; on any failure remove the temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if payload is not None and faults.armed("ckpt_write"):
-                buf = io.BytesIO()
-                torch.save(payload, buf)
-                half = buf.tell() // 2
-                f.write(buf.getvalue()[:half])
-                f.flush()
-                faults.point("ckpt_write", f"({tmp} holds {half} of {buf.tell()} bytes)")
-                f.write(buf.getvalue()[half:])
-            elif payload is not None:
-                _save_reporting_os_errors(payload, f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if payload is not None:
-            faults.point("ckpt_rename", f"({tmp} complete, {path.name} not replaced)")
-        os.replace(tmp, path)
-        if payload is not None:
-            faults.point("ckpt_renamed", f"({path} replaced)")
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def restore(payload: dict, state: TrainState, dist: Dist) -> Progress:
+    """Load a checkpoint into the live objects; this rank's random streams when the world size is the same."""
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):
+        state.scaler.load_state_dict(payload["scaler"])
+    if len(payload["rng"]) == dist.world_size:
+        state.set_rng(payload["rng"][dist.rank])
+    return Progress(**payload["progress"])
 
 
-def _save_reporting_os_errors(payload: dict, f) -> None:
-    """torch.save into `f`; a failed write (no space, file too large) raises its OSError, not torch's
-    "unexpected pos" RuntimeError, so that the message can say what happened."""
-    failures: list[OSError] = []
+def find_resumable(folder: Path, fits) -> tuple[Path | None, list[str]]:
+    """The newest good checkpoint among last.pt and prev.pt, and one line per file that was rejected.
 
-    class Recorder:
-        def write(self, chunk):
-            try:
-                return f.write(chunk)
-            except OSError as e:
-                failures.append(e)
-                raise
-
-        def flush(self):
-            f.flush()
-
-    try:
-        torch.save(payload, Recorder())
-    except RuntimeError:
-        if failures:
-            raise failures[0] from None
-        raise
+    `fits(payload)` raises CheckpointError when a loadable file still does not fit this run
+    (another architecture, say).
+    """
+    problems = []
+    for name in (LAST, PREV):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            fits(load(path))
+            return path, problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
 
 
-def remove_temporary(folder: Path) -> None:
-    """Delete temporary files that a killed writer left behind (they are never read)."""
-    for stale in list(folder.glob(".*.tmp.*")) + list(folder.glob(".*.link.*")):
-        stale.unlink(missing_ok=True)
+def resume(state: TrainState, folder: Path, cfg: config.Config, dist: Dist) -> tuple[Progress, Path | None, list[str]]:
+    """Restore the newest good checkpoint of `folder` (rank 0 chooses, every rank loads it).
+
+    Returns the progress, the file resumed from (None: a fresh start) and warning lines for rank 0.
+    """
+    path, problems = None, []
+    if dist.is_main and folder.is_dir():
+        atomic.remove_temporary(folder)  # left by a process killed while saving
+        path, problems = find_resumable(folder, lambda payload: check_fits(payload, state.model, cfg))
+    path, problems = dist.broadcast((path, problems))
+    if path is None:
+        if problems:
+            raise UserError(
+                f"cannot resume from {folder}: {'; '.join(dict.fromkeys(problems))}. "
+                f"Rerun with the run's own config, choose another log.run_dir, or move {folder} away to start over"
+            )
+        return Progress(), None, []
+    payload = load(path, map_location=dist.device, verify=False)  # rank 0 verified this file
+    progress = restore(payload, state, dist)
+    notes = [f"{line}; resuming from {path.name} instead" for line in problems]
+    if dist.is_main and path.name != LAST and (folder / LAST).exists():
+        os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
+    if len(payload["rng"]) != dist.world_size:
+        notes.append(
+            f"{path} was written by {len(payload['rng'])} rank(s), this run has {dist.world_size}: "
+            f"weights and schedule continue exactly, random augmentation streams start afresh"
+        )
+    return progress, path, notes
 
 
 def save(folder: Path, payload: dict, is_best: bool) -> Path:
     """Write `payload` as last.pt (keeping the previous last.pt as prev.pt) and as best.pt when `is_best`."""
     payload = dict(payload, format=FORMAT, versions=versions())
-    payload["digest"] = digest(payload)
+    payload["digest"] = atomic.digest(payload)
     last = folder / LAST
     try:
         if last.exists():
             # prev.pt becomes the current last.pt by a hard link (no copy): last.pt always exists
-            _link_atomic(last, folder / PREV)
-        write_atomic(last, payload=payload)
+            atomic.link_atomic(last, folder / PREV)
+        atomic.write_atomic(last, payload=payload)
         if is_best:
-            _link_atomic(last, folder / BEST)
+            atomic.link_atomic(last, folder / BEST)
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint in {folder} ({e.strerror or e}); the previous {LAST} is untouched. "
@@ -166,40 +217,29 @@ def save(folder: Path, payload: dict, is_best: bool) -> Path:
     return last
 
 
-def snapshot(obj):
-    """A copy of a checkpoint payload that training can no longer change: every tensor copied to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj  # numbers, strings, None: immutable
+class Saver:
+    """Saves the checkpoints of one folder one at a time, in the caller's thread or on a thread of its own.
 
-
-class Writer:
-    """Writes checkpoints one at a time, in the caller's thread or (`background=True`) on a thread of its own.
-
-    In the background, `save` takes a CPU snapshot and returns while the file is written; the next
-    `save` and `wait` first let that write finish, and `wait` (or `check`, once it has finished)
-    raises its error in the caller's thread.
+    In the background, `save` takes a CPU snapshot and returns while the file is written (on a
+    GPU the CPU is otherwise idle); the next `save` and `wait` first let that write finish, and
+    `wait` (or `check`, once it has finished) raises its error in the caller's thread.
     """
 
-    def __init__(self, background: bool):
-        self.background = background
+    def __init__(self, folder: Path, background: bool):
+        self.folder, self.background = folder, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, folder: Path, payload: dict, is_best: bool) -> None:
+    def save(self, payload: dict, is_best: bool) -> None:
         self.wait()
         if not self.background:
-            save(folder, payload, is_best)
+            save(self.folder, payload, is_best)
             return
-        frozen = snapshot(payload)
+        frozen = atomic.snapshot(payload)
 
         def write():
             try:
-                save(folder, frozen, is_best)
+                save(self.folder, frozen, is_best)
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e
 
@@ -221,18 +261,8 @@ class Writer:
             raise error
 
 
-def _link_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a filesystem without hard links: copy the bytes instead
-        write_atomic(tmp, data=src.read_bytes())
-    os.replace(tmp, dst)
-
-
 def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
-    """Load a checkpoint with weights_only=True (no code runs from the file) and check its digest."""
+    """A checkpoint of this project, read with weights_only=True (no code runs from the file), digest and format checked."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols; the refusal below says it all
@@ -246,33 +276,66 @@ def load(path: Path, map_location="cpu", verify: bool = True) -> dict:
                 f"checkpoint {path} holds pickled Python objects, not only tensors; refusing to run code from it"
             ) from None
         raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint ({first[:200]})") from None
-    if not isinstance(payload, dict) or "model" not in payload or "digest" not in payload:
+    if not is_checkpoint(payload):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' and 'digest' entries)")
     if verify:
         check_digest(payload, path)
-    return payload
+    return _upgrade(payload, path)
+
+
+def is_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and "model" in obj and "digest" in obj
 
 
 def check_digest(payload: dict, path: Path) -> None:
     """Raise CheckpointError when a loaded checkpoint's contents do not match the digest written with it."""
-    if digest(payload) != payload["digest"]:
+    if atomic.digest(payload) != payload["digest"]:
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the digest written with it")
 
 
-def find_resumable(folder: Path, check) -> tuple[Path | None, list[str]]:
-    """The newest good checkpoint among last.pt and prev.pt, and one line per file that was rejected.
+def _upgrade(payload: dict, path: Path) -> dict:
+    """The payload in this version's layout; a format newer than this code is refused."""
+    found = payload.get("format")
+    if not isinstance(found, int) or found > FORMAT:
+        wrote = payload["versions"].get("cifar-scaffold", "?") if isinstance(payload.get("versions"), dict) else "?"
+        raise CheckpointError(
+            f"checkpoint {path} has format {found!r}, written by cifar-scaffold {wrote}; this version "
+            f"reads formats up to {FORMAT}: update the project to load it"
+        )
+    if found == 1 and isinstance(payload.get("progress"), dict):  # 1 -> 2: the position in the epoch was `batch`
+        progress = dict(payload["progress"])
+        progress["step_in_epoch"] = progress.pop("batch", 0)
+        payload = dict(payload, progress=progress, format=FORMAT)
+    return payload
 
-    `check(payload)` raises CheckpointError when a loadable file still does not fit this run
-    (another architecture, say).
-    """
-    problems = []
-    for name in (LAST, PREV):
-        path = folder / name
-        if not path.exists():
-            continue
-        try:
-            check(load(path))
-            return path, problems
-        except CheckpointError as e:
-            problems.append(str(e))
-    return None, problems
+
+@dataclass(frozen=True)
+class Contents:
+    """What inference reads from a checkpoint."""
+
+    model: dict  # the state_dict
+    config: config.Config
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    epoch: int  # completed training epochs
+
+
+def contents(payload: dict, path: Path) -> Contents:
+    """The model, config, classes and preprocessing of a loaded checkpoint, checked; CheckpointError otherwise."""
+    check_digest(payload, path)
+    payload = _upgrade(payload, path)
+    try:
+        prep = payload["preprocess"]
+        return Contents(
+            payload["model"],
+            config.from_dict(payload["config"]),
+            list(payload["classes"]),
+            int(prep["image_size"]),
+            tuple(prep["mean"]),
+            tuple(prep["std"]),
+            int(payload.get("progress", {}).get("epoch", 0)),
+        )
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise CheckpointError(f"checkpoint {path} lacks a config, classes or preprocess this version can read ({e})") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 import re
 import signal
 import types
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from train.errors import UserError
+from train.cli import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "cifar10_cnn.yaml"
 
 AUGMENTATIONS = ("crop", "flip", "grayscale", "jitter")
+DEVICE_NAMES = r"auto|cpu|cuda(:\d+)?"  # train.device and the --device of infer/: resolved in train/runtime.py
 
 
 class ConfigError(UserError):
@@ -39,18 +39,15 @@ class DataConfig:
     name: str = "cifar10"  # cifar10 | imagefolder | synthetic
     root: str = "data"  # cifar10: the folder holding cifar-10-batches-py/; imagefolder: holds train/<class>/* and test/<class>/*
     download: bool = True  # cifar10 missing from root: fetch the official archive (md5 checked); never falls back to synthetic
-    augment: tuple[str, ...] = (
-        "crop",
-        "flip",
-    )  # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
+    # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
+    augment: tuple[str, ...] = ("crop", "flip")
     image_size: int = 32  # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32)
     synthetic_train: int = 5000  # synthetic: training images (class patterns plus noise, fixed by synthetic_seed)
     synthetic_test: int = 1000  # synthetic: test images
     synthetic_classes: int = 10  # synthetic: number of classes
     synthetic_seed: int = 0  # synthetic: the same seed gives the same images everywhere
-    cache_dir: str = (
-        "~/.cache/cifar-scaffold"  # decoded datasets as .npy files, memory-mapped and so shared by the ranks of a node
-    )
+    # decoded datasets as .npy files, memory-mapped and so shared by the ranks of a node
+    cache_dir: str = "~/.cache/cifar-scaffold"
     workers: int = 0  # DataLoader workers; batches are slices of an in-memory uint8 tensor, so the main process is enough
 
     def __post_init__(self):
@@ -61,21 +58,16 @@ class DataConfig:
         _at_least("data.synthetic_train", self.synthetic_train, 1)
         _at_least("data.synthetic_test", self.synthetic_test, 1)
         _at_least("data.synthetic_classes", self.synthetic_classes, 2)
-        _at_least("data.workers", self.workers, 0)
-        cores = len(os.sched_getaffinity(0))
-        if self.workers > 4 * cores:
-            raise ConfigError(
-                f"config key 'data.workers' is {self.workers}, more than 4x this machine's {cores} cores; use at most {4 * cores} (0 is usually fastest here)"
-            )
+        _at_least("data.workers", self.workers, 0)  # its limit depends on the machine: train/runtime.py clamps it
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn"  # cnn: the seed's CIFAR-10 CNN | vgg16: torchvision's VGG16
-    head: str = "replace"  # vgg16 only: replace classifier[6] with Linear(4096, C), or append Linear(1000, C) to the classifier (the seed's two ways)
-    pretrained: bool | str = (
-        False  # vgg16 only: true = torchvision's IMAGENET1K_V1 weights (torch hub cache), or a path to a state_dict file
-    )
+    # vgg16 only: replace classifier[6] with Linear(4096, C), or append Linear(1000, C) to the classifier (the seed's two ways)
+    head: str = "replace"
+    # vgg16 only: true = torchvision's IMAGENET1K_V1 weights (torch hub cache), or a path to a state_dict file
+    pretrained: bool | str = False
     freeze_features: bool = False  # vgg16 only: train the classifier only
     channels_last: bool = True  # NHWC memory format: measured faster for these convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model; checkpoints keep plain key names either way
@@ -114,13 +106,14 @@ class TrainConfig:
     batch_size: int = 128  # global: each of N ranks takes batch_size / N
     seed: int = 0  # model init, shuffling and augmentation; each rank derives its own augmentation stream from it
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    amp: str = (
-        "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~11x slower on CPUs without bf16 units) | bf16 | fp16 | fp32
-    )
+    # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~11x slower on CPUs without bf16 units) | bf16 | fp16 | fp32
+    amp: str = "auto"
     threads: int = 0  # CPU threads per rank; 0: the cores this process may use divided by the ranks on this node
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     save_every_steps: int = 0  # also write last.pt every N optimizer steps (0: at the end of each epoch only)
-    save_in_background: str = "auto"  # write checkpoints on a thread of their own. auto: on CUDA (the CPU is idle while the GPU trains), not on the CPU (it would take cores from training) | always | never
+    # write checkpoints on a thread of their own. auto: on CUDA (the CPU is idle while the GPU trains), not on the CPU
+    # (it would take cores from training) | always | never
+    save_in_background: str = "auto"
 
     def __post_init__(self):
         _at_least("train.epochs", self.epochs, 0)
@@ -130,18 +123,16 @@ class TrainConfig:
         _at_least("train.save_every_steps", self.save_every_steps, 0)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.save_in_background", self.save_in_background, ("auto", "always", "never"))
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"config key 'train.device' must be auto, cpu or cuda, got {self.device!r}")
+        if not re.fullmatch(DEVICE_NAMES, self.device):
+            raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)
 class DistConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise | nccl | gloo
     timeout_s: float = 300.0  # a collective that waits longer (a rank died) fails the run instead of hanging
-    stop_signals: tuple[str, ...] = (
-        "SIGTERM",
-        "SIGUSR1",
-    )  # on these, all ranks stop at the next step, rank 0 saves last.pt, exit code 75
+    # on these, all ranks stop at the next step, rank 0 saves last.pt, and the process exits 75 (train/cli.py's Exit)
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
     def __post_init__(self):
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
@@ -412,17 +403,6 @@ def dump(cfg: Config) -> str:
 def differences(old: Config, new: Config) -> dict[str, tuple[object, object]]:
     a, b = flatten(old), flatten(new)
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line, like every other input error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-    def parse_args(self, args=None, namespace=None):
-        # options may come after the overrides: `main.py data.name=synthetic --config smoke.yaml`
-        return self.parse_intermixed_args(args, namespace)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,10 @@
-"""Datasets held in memory as one uint8 tensor, loaders over them, and batched augmentation.
+"""Datasets held in memory as one uint8 tensor, and the loaders over them.
 
 Every dataset becomes the same thing: `images` (N, 3, H, W) uint8 and `labels` (N,) int64
 per split, plus the class names. Decoded datasets (CIFAR-10, image folders) are cached as
 .npy files and memory-mapped, so the ranks of a node share one copy in the page cache.
-A batch is one tensor index, `images[indices]`; crop, flip and normalisation run on the
-whole batch on the training device.
+A batch is one tensor index, `images[indices]`; `train/augment.py` turns it into the model's
+input on the training device.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from train.cli import UserError
 from train.config import DataConfig
-from train.errors import UserError
 
 # Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -56,35 +56,44 @@ class Datasets:
     test: Split
     classes: list[str]
 
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
 
 # ---------------------------------------------------------------------------- loading
 
 
 def load(cfg: DataConfig, dist) -> Datasets:
-    """The configured dataset; files are prepared once per node, then memory-mapped by every rank."""
+    """The configured dataset; files are prepared once per node, then memory-mapped by every rank.
+
+    On a GPU the training split moves to the device: a batch is then one index into GPU memory,
+    with no host-to-device copy per step.
+    """
     if cfg.name == "synthetic":
-        return synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.synthetic_seed)
-    if cfg.name == "cifar10":
-        prepare = lambda: _cifar10_cache(cfg)  # noqa: E731
+        datasets = synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_classes, cfg.synthetic_seed)
     else:
-        prepare = lambda: _imagefolder_cache(cfg)  # noqa: E731
-    cache = _once_per_node(prepare, dist)
-    return _open_cache(cache)
+        prepare = _cifar10_cache if cfg.name == "cifar10" else _imagefolder_cache
+        datasets = _open_cache(dist.once_per_node(lambda: prepare(cfg)))
+    if dist.device.type == "cuda":
+        datasets.train = Split(datasets.train.images.to(dist.device), datasets.train.labels.to(dist.device))
+    return datasets
 
 
-def _once_per_node(fn, dist):
-    """Run `fn` on local rank 0; every rank gets its result or the same UserError (no rank is left waiting)."""
-    result, error = None, None
-    if dist.launch.local_rank == 0:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    if dist.any(error is not None):
-        raise UserError(error or "the dataset could not be prepared on this node's first rank (see its error)")
-    if dist.launch.local_rank != 0:
-        result = fn()  # the cache exists now: this only computes its path
-    return result
+def batch_per_rank(batch_size: int, n_train: int, world_size: int) -> int:
+    """The per-rank share of the global batch, or a UserError when it cannot be split or is too large."""
+    if batch_size % world_size:
+        raise UserError(
+            f"train.batch_size={batch_size} is not divisible by the {world_size} ranks; "
+            f"use a multiple of {world_size} (it is the global batch, split evenly across ranks)"
+        )
+    per_rank = batch_size // world_size
+    if steps_per_epoch(n_train, per_rank, world_size) == 0:
+        raise UserError(
+            f"train.batch_size={batch_size} is larger than the {n_train} training images "
+            f"(per rank: {n_train // world_size}); lower train.batch_size"
+        )
+    return per_rank
 
 
 def _open_cache(folder: Path) -> Datasets:
@@ -342,30 +351,31 @@ class _Batches(Dataset):
 
 class _IndexBatches:
     """Batches of indices as tensor slices: the sample order is turned into one tensor per epoch,
-    so no Python code runs per sample in the training loop. `start` skips the batches a resumed
+    so no Python code runs per sample in the training loop. `skip` leaves out the batches a resumed
     run has already trained on."""
 
-    def __init__(self, order, batch: int, drop_last: bool, start: int = 0, device: torch.device | None = None):
-        self.order, self.batch, self.drop_last, self.start, self.device = order, batch, drop_last, start, device
+    def __init__(self, order, size: int, drop_last: bool, skip: int = 0, device: torch.device | None = None):
+        self.order, self.size, self.drop_last, self.skip, self.device = order, size, drop_last, skip, device
 
     def __len__(self) -> int:
         n = len(self.order)
-        return max(0, (n // self.batch if self.drop_last else -(-n // self.batch)) - self.start)
+        return max(0, (n // self.size if self.drop_last else -(-n // self.size)) - self.skip)
 
     def __iter__(self):
         # one host-to-device copy per epoch when the data lives on a GPU, none per step
         order = torch.as_tensor(list(self.order), dtype=torch.long).to(self.device)
-        for i in range(self.start, self.start + len(self)):
-            yield order[i * self.batch : (i + 1) * self.batch]
+        for i in range(self.skip, self.skip + len(self)):
+            yield order[i * self.size : (i + 1) * self.size]
 
 
 def train_loader(
-    split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int, start_batch: int = 0, workers: int = 0
+    split: Split, batch_per_rank: int, rank: int, world_size: int, seed: int, epoch: int, skip: int = 0, workers: int = 0
 ) -> DataLoader:
-    """This rank's batches of one epoch: shuffled by (seed, epoch), split across ranks, full batches only."""
+    """This rank's batches of one epoch, less the first `skip` (a resumed epoch): shuffled by (seed, epoch),
+    split across ranks, full batches only."""
     sampler = DistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
-    return _loader(split, sampler, batch_per_rank, drop_last=True, start=start_batch, workers=workers)
+    return _loader(split, sampler, batch_per_rank, drop_last=True, skip=skip, workers=workers)
 
 
 def steps_per_epoch(n: int, batch_per_rank: int, world_size: int) -> int:
@@ -376,122 +386,11 @@ def eval_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, w
     """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding."""
     n = len(split)
     share = range(n * rank // world_size, n * (rank + 1) // world_size)
-    return _loader(split, share, batch_per_rank, drop_last=False, start=0, workers=workers)
+    return _loader(split, share, batch_per_rank, drop_last=False, skip=0, workers=workers)
 
 
-def _loader(split: Split, order, batch: int, drop_last: bool, start: int, workers: int) -> DataLoader:
+def _loader(split: Split, order, size: int, drop_last: bool, skip: int, workers: int) -> DataLoader:
     if split.images.is_cuda:
         workers = 0  # the batches are GPU tensor slices already; forked workers cannot touch CUDA tensors
-    batches = _IndexBatches(order, batch, drop_last, start, device=split.images.device)
+    batches = _IndexBatches(order, size, drop_last, skip, device=split.images.device)
     return DataLoader(_Batches(split), sampler=batches, batch_size=None, num_workers=workers)
-
-
-# ---------------------------------------------------------------------------- augmentation
-
-
-class Preprocess:
-    """uint8 batches to normalised float batches on the device; training batches augmented first.
-
-    All operations act on the whole batch (B, 3, H, W) at once, with this rank's own generator.
-    The training path writes into buffers kept from one step to the next (one set per batch
-    shape): a step allocates nothing but a few bytes of random choices and indices.
-    """
-
-    def __init__(
-        self,
-        augment: tuple[str, ...],
-        device: torch.device,
-        channels_last: bool,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
-        pad: int = 4,
-    ):
-        self.augment, self.device, self.pad = augment, device, pad
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        # x / 255 normalised = x * scale + shift, one fused multiply-add per pixel
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
-        self.crop_flip: CropFlip | None = None
-        self.outputs: dict[torch.Size, torch.Tensor] = {}
-
-    def _normalise(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        # uint8 (or float) in, float out, written straight into the model's memory format: one pass
-        if out is None:
-            out = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
-        return torch.addcmul(self.shift, x, self.scale, out=out)
-
-    def test(self, x: torch.Tensor) -> torch.Tensor:
-        return self._normalise(x)
-
-    def train(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The returned tensor is overwritten by the next call: the model has used it by then."""
-        x = x.to(self.device, non_blocking=True)
-        if "crop" in self.augment or "flip" in self.augment:
-            h, w = x.shape[-2:]
-            if self.crop_flip is None or self.crop_flip.size != (h, w):
-                self.crop_flip = CropFlip(h, w, self.pad if "crop" in self.augment else 0, "flip" in self.augment, self.device)
-            x = self.crop_flip(x, gen)
-        out = self.outputs.get(x.shape)
-        if out is None:
-            out = self.outputs[x.shape] = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
-        if "grayscale" not in self.augment and "jitter" not in self.augment:
-            return self._normalise(x, out)
-        x = x.float()
-        if "grayscale" in self.augment:
-            x = random_grayscale(x, 0.4, gen)
-        if "jitter" in self.augment:
-            x = random_brightness(x, 0.4, gen)
-        return self._normalise(x.clamp_(0, 255), out)
-
-
-class CropFlip:
-    """torchvision's RandomCrop(size, padding=pad) and RandomHorizontalFlip on a whole batch, as one gather.
-
-    Each choice of (dy, dx, mirrored) is one row of a table, built once, of the flat source index
-    of every output pixel in the zero-padded image: output pixel (i, j) reads padded pixel
-    (dy + i, dx + j), or (dy + i, dx + W - 1 - j) when mirrored. A step draws one row per image
-    (all choices equally likely: dy and dx uniform in [0, 2 pad], mirrored with probability 1/2,
-    independently), copies the batch into the middle of a zero buffer it keeps, and gathers:
-    about ten tensor operations per batch, whatever its size.
-    """
-
-    def __init__(self, h: int, w: int, pad: int, flip: bool, device: torch.device):
-        self.size, self.pad = (h, w), pad
-        rows = torch.arange(h, device=device)[:, None]
-        cols = torch.arange(w, device=device)[None, :]
-        width = w + 2 * pad
-        table = [
-            ((dy + rows) * width + dx + (w - 1 - cols if mirrored else cols)).reshape(-1)
-            for dy in range(2 * pad + 1)
-            for dx in range(2 * pad + 1)
-            for mirrored in ((False, True) if flip else (False,))
-        ]
-        self.table = torch.stack(table)  # (choices, H * W) int64
-        self.buffers: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = self.pad
-        if x.shape not in self.buffers:  # the padding stays zero: only the middle is ever written
-            self.buffers[x.shape] = (x.new_zeros(b, c, h + 2 * p, w + 2 * p), x.new_empty(b, c, h * w))
-        padded, out = self.buffers[x.shape]
-        padded[:, :, p : p + h, p : p + w] = x
-        choice = torch.randint(0, len(self.table), (b,), generator=gen, device=x.device)
-        index = self.table[choice].unsqueeze(1).expand(b, c, h * w)
-        return torch.gather(padded.view(b, c, -1), 2, index, out=out).view(b, c, h, w)
-
-
-def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """The seed's RandomGrayscale(p) on a float batch in [0, 255]."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    gray = (x * weights).sum(1, keepdim=True).expand_as(x)
-    pick = torch.rand(x.shape[0], generator=gen, device=x.device) < p
-    return torch.where(pick[:, None, None, None], gray, x)
-
-
-def random_brightness(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """The seed's ColorJitter(strength): brightness scaled by a factor in [1 - s, 1 + s] per image."""
-    factor = 1.0 + strength * (2.0 * torch.rand(x.shape[0], generator=gen, device=x.device) - 1.0)
-    return x * factor[:, None, None, None]

@@ -1,10 +1,14 @@
-"""How this process was started, its device and process group, and collectives on sums.
+"""How this process was started, and its process group: the one place that knows rank, world and node.
 
 Three ways in, one code path after:
-- torchrun (and the launcher's submitit job): RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
-- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host
-  of the job's node list, the port derived from the job id;
+- torchrun (and the launcher's submitit job): RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT;
+- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID; the master is the
+  first host of the job's node list, the port derived from the job id;
 - neither (or a lone SLURM task): one process and no process group.
+
+`detect()` reads only the environment and imports no torch (the entry points use it to prefix
+error lines before torch loads); `Dist` is the live context the rest of the code asks; `setup`
+joins and always leaves the process group. torch is imported inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import shutil
 import socket
 import struct
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-import torch.distributed as dist
+from train.cli import UserError
 
-from train.errors import UserError
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,18 @@ class Launch:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
-    master_addr: str = ""
+    node: int = 0  # this node's index in the job
+    master_addr: str = ""  # torchrun's MASTER_ADDR; under srun empty until master() reads the node list
     master_port: int = 0
+    nodelist: str = ""  # srun: the step's node list, the first of which is the master
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.world_size > self.local_world_size
+
+    def master(self) -> str:
+        """The master's host name (under srun this asks `scontrol`, so only the rendezvous calls it)."""
+        return self.master_addr or _first_host(self.nodelist or "127.0.0.1")
 
 
 def detect(env: os._Environ | dict = os.environ) -> Launch:
@@ -50,6 +67,7 @@ def detect(env: os._Environ | dict = os.environ) -> Launch:
             local_rank=int(env.get("LOCAL_RANK", 0)),
             world_size=world,
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            node=int(env.get("GROUP_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
@@ -63,8 +81,9 @@ def detect(env: os._Environ | dict = os.environ) -> Launch:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(tasks),
             local_world_size=_tasks_on_this_node(env, int(tasks)),
-            master_addr=_first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"),
+            node=int(env.get("SLURM_NODEID", 0)),
             master_port=_port_from_job_id(env.get("SLURM_JOB_ID", "0")),
+            nodelist=env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1",
         )
     return Launch(launcher="single")
 
@@ -105,7 +124,7 @@ def _first_host(nodelist: str) -> str:
 
 @dataclass
 class Dist:
-    """The live distributed context: this rank, its device, and sum-collectives over all ranks."""
+    """The live distributed context: this rank, its device, and collectives over all ranks."""
 
     launch: Launch
     device: torch.device
@@ -118,6 +137,10 @@ class Dist:
         return self.launch.rank
 
     @property
+    def local_rank(self) -> int:
+        return self.launch.local_rank
+
+    @property
     def world_size(self) -> int:
         return self.launch.world_size
 
@@ -126,48 +149,82 @@ class Dist:
         return self.launch.rank == 0
 
     @property
+    def spans_nodes(self) -> bool:
+        return self.launch.spans_nodes
+
+    @property
     def active(self) -> bool:
         return self.backend is not None
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; metrics are sums so that N ranks count exactly what 1 counts."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            import torch.distributed as tdist
+
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any rank (a CPU collective: no device sync)."""
         if not self.active:
             return flag
+        import torch
+        import torch.distributed as tdist
+
         t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj`, as a list on rank 0 (None elsewhere)."""
         if not self.active:
             return [obj]
+        import torch.distributed as tdist
+
         out = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=self.control)
+        tdist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
         if not self.active:
             return obj
+        import torch.distributed as tdist
+
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.control)
+        tdist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier(group=self.control)
+    def network_line(self) -> str:
+        """Where every rank talks across nodes, for the log: `network: rank 0 node1 eth0 10.77.0.11, ...`. A collective."""
+        where = self.gather(f"{socket.gethostname()} {self.interface} {ipv4_of(self.interface) if self.interface else None}")
+        return "network: " + ", ".join(f"rank {r} {w}" for r, w in enumerate(where or []))
+
+    def once_per_node(self, fn: Callable[[], T]) -> T:
+        """`fn()` on each node's local rank 0 first (preparing files the node shares), then on the others.
+
+        Every rank gets the result or the same UserError: no rank is left waiting for one that failed.
+        """
+        result, error = None, None
+        if self.local_rank == 0:
+            try:
+                result = fn()
+            except UserError as e:
+                error = str(e)
+        if self.any(error is not None):
+            raise UserError(error or "the dataset could not be prepared on this node's first rank (see its error)")
+        if self.local_rank != 0:
+            result = fn()  # what local rank 0 prepared exists now: this only finds it
+        return result
 
 
-def peer_failure(exc: BaseException, launch: Launch) -> str | None:
+def peer_failure(exc: BaseException, launch: Launch | None = None) -> str | None:
     """One line for an error that means another rank is gone or unreachable, else None."""
+    launch = launch or detect()
     if launch.world_size == 1:
         return None
+    import torch.distributed as tdist
+
     text = str(exc)
     markers = (
         "gloo",
@@ -180,7 +237,7 @@ def peer_failure(exc: BaseException, launch: Launch) -> str | None:
         "Socket Timeout",
         "Broken pipe",
     )
-    if not isinstance(exc, dist.DistError) and not any(m in text for m in markers):
+    if not isinstance(exc, tdist.DistError) and not any(m in text for m in markers):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     first = first.split(" This is typically caused")[0][:200]
@@ -190,30 +247,10 @@ def peer_failure(exc: BaseException, launch: Launch) -> str | None:
     )
 
 
-def _device(preference: str, launch: Launch) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(f"train.device={preference} but CUDA is not available here; use train.device=cpu (or auto)")
-    if ":" in preference:
-        if launch.world_size > 1:
-            raise UserError(
-                f"train.device={preference} names one GPU, but {launch.world_size} ranks each need their own; use train.device=cuda"
-            )
-        return torch.device(preference)
-    visible = torch.cuda.device_count()
-    if launch.local_rank >= visible:
-        raise UserError(
-            f"local rank {launch.local_rank} needs GPU {launch.local_rank}, but only {visible} GPU(s) are visible on this node; "
-            f"start at most {visible} processes per node (--nproc_per_node / --gpus-per-node)"
-        )
-    return torch.device("cuda", launch.local_rank)
+def _store(launch: Launch, timeout: datetime.timedelta):
+    """The rendezvous store: torchrun's agent serves one; otherwise rank 0 serves it at the master's port."""
+    import torch.distributed as tdist
 
-
-def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
-    """The rendezvous store: torchrun's agent serves one; otherwise rank 0 serves it at MASTER_ADDR:PORT."""
     if launch.master_port == 0:  # torchrun --master_port=0 passes 0 on, not the port its store took
         raise UserError(
             "MASTER_PORT is 0, so the ranks cannot find the rendezvous store; give torchrun "
@@ -223,10 +260,10 @@ def _store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
         # The agent's store outlives a restart of the workers. Without a prefix per attempt, the
         # restarted ranks read the dead ranks' gloo addresses and fail with "Connection refused".
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        agent = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False, timeout=timeout)
-        return dist.PrefixStore(f"/scaffold/attempt_{attempt}", agent)
-    return dist.TCPStore(
-        launch.master_addr,
+        agent = tdist.TCPStore(launch.master(), launch.master_port, launch.world_size, is_master=False, timeout=timeout)
+        return tdist.PrefixStore(f"/scaffold/attempt_{attempt}", agent)
+    return tdist.TCPStore(
+        launch.master(),
         launch.master_port,
         launch.world_size,
         is_master=launch.rank == 0,
@@ -288,11 +325,11 @@ def _bind_to_network(launch: Launch) -> str | None:
     machines; the other nodes then cannot connect ("connectFullMesh failed"). A variable the
     user set wins. Returns the interface used, for the log.
     """
-    if launch.world_size <= launch.local_world_size:
+    if not launch.spans_nodes:
         return None  # one node: loopback is right
     if "GLOO_SOCKET_IFNAME" in os.environ:
         return os.environ["GLOO_SOCKET_IFNAME"]
-    found = interface_towards(launch.master_addr)
+    found = interface_towards(launch.master())
     if found is None:
         return None
     os.environ["GLOO_SOCKET_IFNAME"] = found[0]
@@ -301,32 +338,30 @@ def _bind_to_network(launch: Launch) -> str | None:
 
 
 @contextlib.contextmanager
-def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0, launch: Launch | None = None) -> Iterator[Dist]:
-    """Join the process group (if several processes), pick the device; always leave the group on exit."""
-    launch = launch or detect()
-    dev = _device(device, launch)
-    if launch.world_size == 1:
-        yield Dist(launch, dev, None)
+def setup(launch: Launch, device: torch.device, backend: str | None, timeout_s: float = 300.0) -> Iterator[Dist]:
+    """Join the process group (when `backend` is set, i.e. several processes); always leave it on exit."""
+    if backend is None:
+        yield Dist(launch, device, None)
         return
-    chosen = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
-    if chosen == "nccl" and dev.type != "cuda":
-        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on the CPU")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    import torch
+    import torch.distributed as tdist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     interface = _bind_to_network(launch)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(
-        backend=chosen,
+    tdist.init_process_group(
+        backend=backend,
         store=_store(launch, timeout),
         rank=launch.rank,
         world_size=launch.world_size,
         timeout=timeout,
-        device_id=dev if chosen == "nccl" else None,
+        device_id=device if backend == "nccl" else None,
     )
     try:
-        control = dist.new_group(backend="gloo", timeout=timeout) if chosen != "gloo" else None
-        yield Dist(launch, dev, chosen, control, interface)
+        control = tdist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+        yield Dist(launch, device, backend, control, interface)
         # leave together: a rank that tears down while another still sends can abort in gloo's destructors
-        dist.barrier(group=control)
+        tdist.barrier(group=control)
     finally:
-        dist.destroy_process_group()
+        tdist.destroy_process_group()

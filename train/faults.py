@@ -48,7 +48,9 @@ def point(name: str, detail: str = "") -> None:
     if spec is None or spec[0] != name:
         return
     _, count, rank = spec
-    this_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    from train.distributed import detect  # imported here: distributed's own imports need this module loaded
+
+    this_rank = detect().rank
     if rank is not None and rank != this_rank:
         return
     _hits[name] = _hits.get(name, 0) + 1

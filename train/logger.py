@@ -1,7 +1,6 @@
-"""Rank-0 output: TensorBoard (the seed's tags), console progress and metrics.jsonl.
+"""What rank 0 tells the user: console lines and progress, `metrics.jsonl`, and TensorBoard (train/board.py).
 
 Every method is a no-op on ranks other than 0, so callers need no `if is_main:` of their own.
-TensorBoard is imported only on rank 0 and only when enabled (it is slow to import).
 """
 
 from __future__ import annotations
@@ -9,31 +8,28 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
+from pathlib import Path
 
 import torch
 
+from train.board import Board
+from train.checkpoint import Progress
 from train.config import Config
 
 
 class Logger:
-    def __init__(self, cfg: Config, enabled: bool, resumed_epochs: int = 0):
+    def __init__(self, cfg: Config, progress: str, enabled: bool, resumed_epochs: int = 0):
+        """`progress`: bar | lines | none, as train/runtime.py resolved log.progress."""
         self.enabled = enabled
         self.cfg = cfg
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
-        self.writer = None
-        mode = cfg.log.progress
-        self.bar = enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
-        self.lines = enabled and (mode == "lines" or (mode == "auto" and not self.bar))
+        self.bar = enabled and progress == "bar"
+        self.lines = enabled and progress == "lines"
         self._last_bar = 0.0
-        if not enabled:
-            return
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        self._keep_epochs(resumed_epochs)
-        if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
+        if enabled:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            self._keep_epochs(resumed_epochs)
+        self.board = Board(cfg.run_dir / "tb", enabled and cfg.log.tensorboard, cfg.log.graph)
 
     def _keep_epochs(self, epochs: int) -> None:
         """Drop metrics lines of epochs the checkpoint does not hold (a run killed after logging, before saving)."""
@@ -52,9 +48,7 @@ class Logger:
             print(message, flush=True)
 
     def warn(self, message: str) -> None:
-        if self.enabled:
-            self._end_bar()
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+        self.info(f"warning: {message}")
 
     def _end_bar(self) -> None:
         if self.bar and self._last_bar:
@@ -73,61 +67,78 @@ class Logger:
         done = width * step // max(steps, 1)
         print(f"\repoch {epoch} [{'#' * done}{'.' * (width - done)}] {step}/{steps}", end="", file=sys.stderr, flush=True)
 
-    def step(self, epoch: int, step: int, steps: int, global_step: int, loss: float, lr: float, images_per_s: float) -> None:
+    def step(self, p: Progress, steps: int, loss: float, lr: float, images_per_s: float) -> None:
         """Every log.every_steps steps: a plain line (cluster logs are files) and step scalars."""
         if not self.enabled:
             return
         if self.lines:
-            print(f"epoch {epoch} step {step}/{steps} loss {loss:.4f} lr {lr:.4g} {images_per_s:.0f} img/s", flush=True)
-        if self.writer:
-            self.writer.add_scalar("Loss/TrainStep", loss, global_step)
-            self.writer.add_scalar("LearningRate", lr, global_step)
+            print(
+                f"epoch {p.epoch + 1} step {p.step_in_epoch}/{steps} loss {loss:.4f} lr {lr:.4g} {images_per_s:.0f} img/s",
+                flush=True,
+            )
+        self.board.step(p.step, loss, lr)
 
     def epoch(self, metrics: dict) -> None:
         """The seed's tags per epoch, a metrics.jsonl line and a one-line summary."""
         if not self.enabled:
             return
-        e = metrics["epoch"]
-        if self.writer:
-            self.writer.add_scalar("Loss/Train", metrics["train_loss"], e)
-            self.writer.add_scalar("Loss/Test", metrics["test_loss"], e)
-            self.writer.add_scalar("Accuracy/Train", metrics["train_acc"], e)
-            self.writer.add_scalar("Accuracy/Test", metrics["test_acc"], e)
-            self.writer.add_scalar("Throughput/ImagesPerSecond", metrics["images_per_s"], e)
-            self.writer.flush()
+        self.board.epoch(metrics)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.info(
-            f"epoch {e}/{self.cfg.train.epochs} train_loss {metrics['train_loss']:.4f} train_acc {metrics['train_acc']:.4f} "
-            f"test_loss {metrics['test_loss']:.4f} test_acc {metrics['test_acc']:.4f} "
+            f"epoch {metrics['epoch']}/{self.cfg.train.epochs} train_loss {metrics['train_loss']:.4f} "
+            f"train_acc {metrics['train_acc']:.4f} test_loss {metrics['test_loss']:.4f} test_acc {metrics['test_acc']:.4f} "
             f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s"
         )
 
-    def images(self, batch: torch.Tensor, mean, std) -> None:
-        """A grid of the first training batch as the model sees it (augmented), undone normalisation."""
-        if not self.writer:
-            return
-        x = batch[:32].detach().float().cpu()
-        x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-        self.writer.add_images("Train/FirstBatch", x.clamp(0, 1), 0)
+    def first_batch(self, model: torch.nn.Module, batch: torch.Tensor, mean, std) -> None:
+        if self.enabled:
+            self.board.first_batch(model, batch, mean, std)
+            for line in self.board.warnings:
+                self.warn(line)
+            self.board.warnings.clear()
 
-    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
-        if not (self.writer and self.cfg.log.graph):
-            return
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.writer.add_graph(model, example[:1])
-        except Exception as e:  # tracing fails for some models; the run goes on
-            self.warn(f"model graph not added to TensorBoard ({type(e).__name__}: {str(e)[:120]})")
+    # ------------------------------------------------------------------ the run's story
 
-    def hparams(self, hparams: dict, final: dict) -> None:
-        if not self.writer:
+    def start(self, runtime_line: str, resumed_from: Path | None, p: Progress) -> None:
+        self.info(runtime_line)
+        if resumed_from is not None:
+            self.info(f"resumed from {resumed_from} at epoch {p.epoch} step {p.step}")
+
+    def training(self, n_train: int, n_test: int, world_size: int, device, steps: int) -> None:
+        cfg = self.cfg
+        self.info(
+            f"training {cfg.model.name} on {cfg.data.name} ({n_train} train / {n_test} test images) on {world_size} x "
+            f"{device} for {cfg.train.epochs} epochs of {steps} steps; run folder {cfg.run_dir}"
+        )
+
+    def nothing_to_do(self, p: Progress) -> None:
+        """What a rerun of a run that has reached train.epochs says."""
+        cfg, best = self.cfg, f"best test_acc {max(p.best_acc, 0):.4f}"
+        if p.step_in_epoch:  # stopped inside an epoch that train.epochs no longer asks for
+            self.info(
+                f"{cfg.run_dir} stopped {p.step_in_epoch} steps into epoch {p.epoch + 1}, but train.epochs="
+                f"{cfg.train.epochs}; nothing to do ({best}). Raise train.epochs to {p.epoch + 1} to finish that epoch, "
+                f"or choose another log.run_dir"
+            )
+        else:
+            self.info(
+                f"{cfg.run_dir} already finished {p.epoch} epochs ({best}); nothing to do. "
+                f"Raise train.epochs to train on, or choose another log.run_dir"
+            )
+
+    def done(self, metrics: dict, best_acc: float, hparams: dict, checkpoints: Path) -> None:
+        """The hyperparameters with the final metrics to TensorBoard, and the last line of a finished run."""
+        if not self.enabled:
             return
-        values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(values, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+        self.board.hparams(
+            hparams, {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "best_test_acc": best_acc}
+        )
+        self.info(
+            f"done: test_acc {metrics['test_acc']:.4f} (best {best_acc:.4f}); checkpoints in {checkpoints}, "
+            f"TensorBoard: tensorboard --logdir {self.cfg.run_dir / 'tb'}"
+        )
 
     def close(self) -> None:
         self._end_bar()
-        if self.writer:
-            self.writer.close()
+        self.board.close()

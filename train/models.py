@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train.cli import UserError
 from train.config import ModelConfig
-from train.errors import UserError
 
 
 class SeedCNN(nn.Module):
@@ -66,7 +66,8 @@ def _imagenet_weights(torchvision) -> dict:
     except Exception as e:  # URLError / OSError offline
         raise UserError(
             f"VGG16 ImageNet weights are not in {hub_dir} and cannot be downloaded ({type(e).__name__}); "
-            f"put {VGG16_WEIGHTS_FILE} (from {weights.url}) in {hub_dir}/, or pass model.pretrained=PATH, or model.pretrained=false"
+            f"put {VGG16_WEIGHTS_FILE} (from {weights.url}) in {hub_dir}/, or pass model.pretrained=PATH, "
+            f"or model.pretrained=false"
         ) from None
 
 
@@ -79,7 +80,8 @@ def _weights_file(path: Path, model: nn.Module) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
-            f"model.pretrained file {path} is not a loadable state_dict ({type(e).__name__}); give a VGG16 state_dict saved with torch.save"
+            f"model.pretrained file {path} is not a loadable state_dict ({type(e).__name__}); "
+            f"give a VGG16 state_dict saved with torch.save"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # one of this project's checkpoints

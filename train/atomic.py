@@ -1,0 +1,137 @@
+"""Files that are never half written: atomic writes, hard-link rotation, and a content digest.
+
+A write goes to a temporary file in the same folder, is fsync'ed and renamed over the target,
+and the folder is fsync'ed: a reader never sees half a file, and a crash, a kill or a full
+disk leaves the previous file whole. The digest (SHA-256 over a nested structure of tensors
+and plain values, in a fixed order) lets a reader find a silent bit flip instead of training
+on it. `train/checkpoint.py` builds checkpoints on these; `metrics.jsonl` and `config.yaml`
+are written with `write_atomic` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from train import faults
+
+
+def _feed(h, obj) -> None:
+    """Hash a nested checkpoint structure in a fixed order: tensors by their bytes, the rest by repr."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy of them
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L" if isinstance(obj, list) else b"U")
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def digest(payload: dict) -> str:
+    """The SHA-256 of a checkpoint dict, leaving out its own `digest` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | None = None, payload: dict | None = None) -> None:
+    """Write bytes (or torch.save a payload) to `path` atomically; on any failure remove the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if payload is not None and faults.armed("ckpt_write"):
+                buf = io.BytesIO()
+                torch.save(payload, buf)
+                half = buf.tell() // 2
+                f.write(buf.getvalue()[:half])
+                f.flush()
+                faults.point("ckpt_write", f"({tmp} holds {half} of {buf.tell()} bytes)")
+                f.write(buf.getvalue()[half:])
+            elif payload is not None:
+                _save_reporting_os_errors(payload, f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if payload is not None:
+            faults.point("ckpt_rename", f"({tmp} complete, {path.name} not replaced)")
+        os.replace(tmp, path)
+        if payload is not None:
+            faults.point("ckpt_renamed", f"({path} replaced)")
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_reporting_os_errors(payload: dict, f) -> None:
+    """torch.save into `f`; a failed write (no space, file too large) raises its OSError, not torch's
+    "unexpected pos" RuntimeError, so that the message can say what happened."""
+    failures: list[OSError] = []
+
+    class Recorder:
+        def write(self, chunk):
+            try:
+                return f.write(chunk)
+            except OSError as e:
+                failures.append(e)
+                raise
+
+        def flush(self):
+            f.flush()
+
+    try:
+        torch.save(payload, Recorder())
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
+
+
+def remove_temporary(folder: Path) -> None:
+    """Delete temporary files that a killed writer left behind (they are never read)."""
+    for stale in list(folder.glob(".*.tmp.*")) + list(folder.glob(".*.link.*")):
+        stale.unlink(missing_ok=True)
+
+
+def link_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.link.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links: copy the bytes instead
+        write_atomic(tmp, data=src.read_bytes())
+    os.replace(tmp, dst)
+
+
+def snapshot(obj):
+    """A copy of a checkpoint payload that training can no longer change: every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj  # numbers, strings, None: immutable
