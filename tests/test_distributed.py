@@ -161,7 +161,7 @@ def test_elastic_restart_resumes_and_matches(tmp_path):
     ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'straight'}", cwd=tmp_path))
     env = env_for_tests(SCAFFOLD_FAULT="step@20:1")  # SIGKILL in the middle of step 20
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env, extra=("--max-restarts=1",)))
-    assert "resumed from" in proc.stdout and "at epoch 1 step 16" in proc.stdout
+    assert "resumed from" in proc.stdout and "at epoch 1 step 16/16 (global step 16)" in proc.stdout
     assert_same_weights(
         tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True
     )
@@ -208,13 +208,16 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
             break
     rest = agent.communicate(timeout=120)[0]
     output = "".join(seen) + rest
-    assert "stopped by signal at epoch 0 step" in output, output
+    assert "stopped by signal at epoch 1 step " in output, output
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     step = ckpt["progress"]["step"]
     assert 10 <= step < 32 and ckpt["progress"]["step_in_epoch"] == step  # mid-epoch, at a step boundary
     assert f"saved {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in output
     proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 0 step {step}" in proc.stdout
+    assert (
+        f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1 step {step}/32 (global step {step})"
+        in proc.stdout
+    )
     assert_same_weights(
         tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True
     )

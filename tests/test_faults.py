@@ -104,7 +104,10 @@ def kill_and_rerun(where: str, reference: Path, tmp_path: Path, *extra: str) -> 
     if fault.startswith("eval"):
         assert not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir)
     proc = ok(train(*run_dir_args(run_dir), *extra, cwd=tmp_path))
-    assert f"resumed from {ckpts / 'last.pt'} at epoch {saved_step // 16} step {saved_step}" in proc.stdout
+    assert (
+        f"resumed from {ckpts / 'last.pt'} at epoch {(saved_step - 1) // 16 + 1} step {(saved_step - 1) % 16 + 1}/16 "
+        in proc.stdout
+    )
     assert_same_run(reference, run_dir)
 
 
@@ -178,7 +181,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_one(damage, message,
     proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
     warning = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and message in warning[0] and warning[0].endswith("resuming from prev.pt instead"), proc.stdout
-    assert f"resumed from {ckpts / 'prev.pt'} at epoch 1 step 24" in proc.stdout
+    assert f"resumed from {ckpts / 'prev.pt'} at epoch 2 step 8/16 (global step 24)" in proc.stdout
     assert (ckpts / "last.pt.rejected").exists()  # kept for inspection, out of the rotation
     assert_same_run(reference, run_dir)
 
@@ -223,7 +226,7 @@ def test_checkpoint_format_is_written_and_checked(reference, tmp_path):
     rewrite(ckpts / "prev.pt", ckpts / "last.pt", format=1, progress=old)
     (ckpts / "prev.pt").unlink()
     proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
-    assert f"resumed from {ckpts / 'last.pt'} at epoch 1 step 24" in proc.stdout
+    assert f"resumed from {ckpts / 'last.pt'} at epoch 2 step 8/16 (global step 24)" in proc.stdout
     assert_same_run(reference, run_dir)
 
 

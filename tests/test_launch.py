@@ -181,9 +181,9 @@ def test_slurm_preemption_requeues_and_resumes_exactly(preemptible_reference, tm
     wait_for(lambda: sacct_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to end")
     assert sacct_state(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
-    stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
+    stopped = int(re.search(r"stopped by signal at epoch 1 step (\d+)/64", text).group(1))
     assert 4 <= stopped < 64
-    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 1 step {stopped}/64 (global step {stopped})" in text
     assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
 

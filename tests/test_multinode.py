@@ -132,8 +132,8 @@ def test_launcher_two_node_job_survives_preemption(preemptible_reference, tmp_pa
     wait_for(lambda: sacct_state(job) in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to end")
     text = log.read_text()
     assert sacct_state(job) == "COMPLETED", text[-3000:]
-    stopped = int(re.search(r"stopped by signal at epoch 0 step (\d+)", text).group(1))
-    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 0 step {stopped}" in text
+    stopped = int(re.search(r"stopped by signal at epoch 1 step (\d+)/64", text).group(1))
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 1 step {stopped}/64 (global step {stopped})" in text
     assert text.count("network: rank 0 node1") == 2  # both runs of the job spanned the two nodes
     assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
 
@@ -153,5 +153,5 @@ def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process,
     _, state = batch("train.sbatch", *args, options=options, out=tmp_path / "rerun.out")
     text = (tmp_path / "rerun.out").read_text()
     assert state == "COMPLETED", text[-3000:]
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1 step 16" in text
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1 step 16/16 (global step 16)" in text
     assert_same_weights(one_process / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=False)

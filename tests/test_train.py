@@ -77,7 +77,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, smoke_arg
     proc = train(*smoke_args, *boom, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     line = one_error_line(proc)
-    step = int(re.search(r"loss became \S+ at step (\d+) \(epoch 2\)", line).group(1))
+    step = int(re.search(r"loss became \S+ at epoch 2 step \d+/16 \(global step (\d+)\)", line).group(1))
     assert 16 < step <= 32 and "last good checkpoint is" in line and "last.pt" in line
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["progress"]["epoch"] == 1 and ckpt["progress"]["step"] == 16

@@ -62,6 +62,17 @@ class Progress:
     sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch so far: loss x n, correct, n (all ranks)
     seconds: float = 0.0  # training time of this epoch so far
 
+    def where(self, steps_per_epoch: int, back: int = 0) -> str:
+        """How every line names a step, 1-based like the progress lines: `epoch 2 step 4/16 (global step 20)`.
+
+        The step named is the last one done (`back` steps before it); at an epoch boundary, the
+        last step of the epoch just finished.
+        """
+        epoch, in_epoch = self.epoch + 1, self.step_in_epoch
+        if in_epoch == 0 and self.epoch:
+            epoch, in_epoch = self.epoch, steps_per_epoch
+        return f"epoch {epoch} step {in_epoch - back}/{steps_per_epoch} (global step {self.step - back})"
+
 
 @dataclass
 class TrainState:

@@ -111,7 +111,7 @@ def epoch_metrics(p: checkpoint.Progress, totals: list[float], test: dict, lr: f
     }
 
 
-def stop_if_diverged(meter: Meter, p: checkpoint.Progress, saver: checkpoint.Saver, lr: float) -> None:
+def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int, saver: checkpoint.Saver, lr: float) -> None:
     """Raise NonFiniteLoss, naming the step, if any rank saw a non-finite loss since the last check (a collective)."""
     bad = meter.nonfinite()
     if bad is None:
@@ -121,7 +121,7 @@ def stop_if_diverged(meter: Meter, p: checkpoint.Progress, saver: checkpoint.Sav
     last = saver.folder / checkpoint.LAST
     saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
     raise NonFiniteLoss(
-        f"loss became {value} at step {p.step - back} (epoch {p.epoch + 1}); stopped without saving, "
+        f"loss became {value} at {p.where(steps_per_epoch, back)}; stopped without saving, "
         f"{saved}. Lower optim.lr (now {lr}) or check the data"
     )
 
@@ -162,7 +162,7 @@ class Trainer:
         p, epochs, dist = self.progress, self.cfg.train.epochs, self.dist
         if dist.is_main:
             self.folder.write_settings(self.cfg, self.runtime)
-        self.logger.start(self.runtime.line(), self.resumed_from, p)
+        self.logger.start(self.runtime.line(), self.resumed_from, p.where(self.steps_per_epoch))
         if p.epoch >= epochs:
             self.logger.nothing_to_do(p)
             return Exit.OK
@@ -172,13 +172,10 @@ class Trainer:
         while p.epoch < epochs:
             if self.train_one_epoch():  # a stop signal, at a step boundary: save that step
                 self.save()
-                return self._stopped(
-                    f"at epoch {p.epoch} step {p.step}; saved {self.saver.folder / checkpoint.LAST}. "
-                    f"Rerun the same command to continue"
-                )
+                return self._stopped(f"saved {self.saver.folder / checkpoint.LAST}. Rerun the same command to continue")
             self._end_epoch(self._evaluate())
             if self.dist.any(self.stop.requested):
-                return self._stopped(f"after epoch {p.epoch}; rerun the same command to continue")
+                return self._stopped("after the epoch's evaluation and save; rerun the same command to continue")
         self.saver.wait()
         self.logger.done(self.last_metrics, p.best_acc, config.flatten(self.cfg), self.saver.folder)
         return Exit.OK
@@ -244,7 +241,7 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> None:
         """Every rank hands its random streams to rank 0, which writes last.pt (and best.pt)."""
-        stop_if_diverged(self.meter, self.progress, self.saver, self.cfg.optim.lr)
+        stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
         rng = self.dist.gather(self.state.rng())
         self.progress.sums = self.meter.totals()
         if self.dist.is_main:
@@ -255,12 +252,12 @@ class Trainer:
     # ------------------------------------------------------------------ logs and checks
 
     def _log_window(self) -> None:
-        stop_if_diverged(self.meter, self.progress, self.saver, self.cfg.optim.lr)
+        stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
         self.saver.check()  # a background write that failed stops the run here
         loss, images_per_s = self.meter.take_window()
         self.logger.step(self.progress, self.steps_per_epoch, loss, self.state.scheduler.get_last_lr()[0], images_per_s)
 
-    def _stopped(self, where: str) -> int:
+    def _stopped(self, what: str) -> int:
         self.saver.wait()
-        self.logger.info(f"stopped by signal {where}")
+        self.logger.info(f"stopped by signal at {self.progress.where(self.steps_per_epoch)}; {what}")
         return Exit.STOPPED

@@ -100,10 +100,10 @@ class Logger:
 
     # ------------------------------------------------------------------ the run's story
 
-    def start(self, runtime_line: str, resumed_from: Path | None, p: Progress) -> None:
+    def start(self, runtime_line: str, resumed_from: Path | None, where: str) -> None:
         self.info(runtime_line)
         if resumed_from is not None:
-            self.info(f"resumed from {resumed_from} at epoch {p.epoch} step {p.step}")
+            self.info(f"resumed from {resumed_from} at {where}")
 
     def training(self, n_train: int, n_test: int, world_size: int, device, steps: int) -> None:
         cfg = self.cfg
