@@ -59,21 +59,24 @@ class Runtime:
 def device(name: str, launch: Launch, key: str = "train.device") -> torch.device:
     """`auto`, `cpu`, `cuda` (this rank's GPU: cuda:LOCAL_RANK) or `cuda:N`, checked against this machine.
 
-    `key` names the setting in the error line (`train.device`, `--device`).
+    `key` names the setting in the error line: `train.device` (written `train.device=cpu`) or `--device` (`--device cpu`).
     """
+    sep = " " if key.startswith("--") else "="
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"{key}={name} but CUDA is not available here; use {key}=cpu (or auto)")
+        raise UserError(f"{key}{sep}{name} but CUDA is not available here; use {key}{sep}cpu (or auto)")
     visible = torch.cuda.device_count()
     if ":" in name:
         index = int(name.split(":")[1])
         if launch.world_size > 1:
-            raise UserError(f"{key}={name} names one GPU, but {launch.world_size} ranks each need their own; use {key}=cuda")
+            raise UserError(
+                f"{key}{sep}{name} names one GPU, but {launch.world_size} ranks each need their own; use {key}{sep}cuda"
+            )
         if index >= visible:
-            raise UserError(f"{key}={name}, but this machine has {visible} GPU(s), cuda:0 to cuda:{visible - 1}")
+            raise UserError(f"{key}{sep}{name}, but this machine has {visible} GPU(s), cuda:0 to cuda:{visible - 1}")
         return torch.device(name)
     if launch.local_rank >= visible:
         raise UserError(
