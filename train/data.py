@@ -240,7 +240,7 @@ def cifar10_folder(
     """
     root = Path(os.path.expanduser(root))
     for folder in (root / CIFAR10_FOLDER, root, *([spare / CIFAR10_FOLDER] if spare else [])):
-        if all((folder / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES):
+        if _complete(folder):
             return folder
     target = root if spare is None or _writable(root) else spare
     if target != root and notes is not None:
@@ -257,6 +257,10 @@ def cifar10_folder(
         f"or its extracted {CIFAR10_FOLDER}/ folder in {root}/, set data.download=true to fetch it, "
         f"or run without it: data.name=synthetic"
     )
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES)
 
 
 def _writable(folder: Path) -> bool:
@@ -319,6 +323,8 @@ def _extract(archive: Path, into: Path) -> Path:
     """Extract the archive into a temporary folder beside `into/cifar-10-batches-py`, moved into place when
     complete; on any failure only that temporary folder is removed, the archive is kept."""
     dest = into / CIFAR10_FOLDER
+    if _complete(dest):  # extracted by another node sharing this folder, since the caller looked
+        return dest
     if dest.exists():
         raise UserError(
             f"{dest} is incomplete (CIFAR-10 needs {', '.join(CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES)}); "
@@ -338,7 +344,11 @@ def _extract(archive: Path, into: Path) -> Path:
         missing = [f for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES if not (tmp / CIFAR10_FOLDER / f).is_file()]
         if missing:
             raise UserError(f"{archive} lacks {CIFAR10_FOLDER}/{missing[0]}; it is not CIFAR-10's python version ({CIFAR10_URL})")
-        os.rename(tmp / CIFAR10_FOLDER, dest)
+        try:
+            os.rename(tmp / CIFAR10_FOLDER, dest)
+        except OSError:
+            if not _complete(dest):  # else another node sharing this folder extracted it first
+                raise
     except tarfile.FilterError as e:
         raise UserError(
             f"{archive} is refused: member {e}; nothing extracted from it was kept. "
