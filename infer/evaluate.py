@@ -155,8 +155,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     loading.add_arguments(parser)
     parser.add_argument(
         "--batch-size",
-        type=int,
-        default=0,
+        type=loading.positive_int,
         metavar="N",
         help="global evaluation batch (default: the trainer's, twice train.batch_size)",
     )

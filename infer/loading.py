@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pickle
 import re
 import warnings
@@ -90,11 +91,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mean",
         nargs=3,
-        type=float,
+        type=_finite_float,
         metavar="M",
         help="per-channel mean in [0, 1] units (default: the checkpoint's; 0 0 0 for a state_dict, as the seed's ToTensor())",
     )
-    parser.add_argument("--std", nargs=3, type=float, metavar="S", help="per-channel std (default: as --mean says, 1 1 1)")
+    parser.add_argument(
+        "--std", nargs=3, type=_positive_float, metavar="S", help="per-channel std (default: as --mean says, 1 1 1)"
+    )
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    # a std of 0 divides by zero: every prediction would be NaN or the same class
+    if not _finite_float(text) > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (a standard deviation), got {text!r}")
+    return float(text)
 
 
 def _device_name(text: str) -> str:

@@ -73,6 +73,9 @@ def sweep_points(specs: list[str]) -> list[list[str]]:
         key, sep, values = spec.partition("=")
         if not sep or not values or "." not in key:
             raise UserError(f"--sweep {spec!r} is not of the form section.key=v1,v2 (e.g. --sweep optim.lr=0.01,0.05)")
+        repeated = sorted({v for v in values.split(",") if values.split(",").count(v) > 1})
+        if repeated:  # two jobs would train in one run folder
+            raise UserError(f"--sweep {spec!r} repeats {', '.join(repeated)}; give each value once")
         axes.append([f"{key}={v}" for v in values.split(",")])
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
@@ -90,6 +93,10 @@ def resolve(args: argparse.Namespace) -> list[tuple[config.Config, list[str]]]:
         cfg = config.from_files_and_overrides(config_file, overrides)
         absolute = [f"log.run_dir={Path(cfg.log.run_dir).resolve()}", f"data.root={Path(cfg.data.root).expanduser().resolve()}"]
         jobs.append((config.from_files_and_overrides(config_file, overrides + absolute), point))
+    folders = [cfg.log.run_dir for cfg, _ in jobs]
+    shared = next((f for f in folders if folders.count(f) > 1), None)
+    if shared is not None:  # e.g. --sweep data.root=a/b,a_b: folder names replace / with _
+        raise UserError(f"two sweep points would train in one run folder, {shared}; sweep each key once, each value once")
     return jobs
 
 

@@ -75,6 +75,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
         "config.yaml",
         "metrics.jsonl",
         "runtime.yaml",
+        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
     ]
     out0 = next(logs.rglob("0/stdout.log")).read_text()
     assert "done: test_acc" in out0

@@ -161,6 +161,7 @@ def test_slurm_two_task_job_completes_and_only_rank_zero_writes(tmp_path):
         "config.yaml",
         "metrics.jsonl",
         "runtime.yaml",
+        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
     ]
     assert len([f for f in outside if "tfevents" in f]) == 2
     rank1 = (run_dir / "submitit" / f"{job}_1_log.out").read_text().splitlines()

@@ -51,6 +51,7 @@ def only_rank_zero_wrote(run_dir):
         "config.yaml",
         "metrics.jsonl",
         "runtime.yaml",
+        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
     ]
     assert len([f for f in files if "tfevents" in f]) == 2
 

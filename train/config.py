@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import re
 import signal
 import types
@@ -27,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "cifar10_cnn.yaml"
 
 AUGMENTATIONS = ("crop", "flip", "grayscale", "jitter")
+MAX_SEED = 2**32 - 1  # seeds are mixed with the rank into torch's 64-bit seeds: headroom, and numpy's limit
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # dist.timeout_s: a week; a wait longer than that is a hang
 DEVICE_NAMES = r"auto|cpu|cuda(:\d+)?"  # train.device and the --device of infer/: resolved in train/runtime.py
 
 
@@ -39,12 +43,16 @@ class DataConfig:
     name: str = "cifar10"  # cifar10 | imagefolder | synthetic
     root: str = "data"  # cifar10: the folder holding cifar-10-batches-py/; imagefolder: holds train/<class>/* and test/<class>/*
     download: bool = True  # cifar10 missing from root: fetch the official archive (md5 checked); never falls back to synthetic
+    # cifar10: check a local cifar-10-python.tar.gz against the official MD5 before extracting it; false for an
+    # archive you repacked yourself (its members are still checked: only files and folders, none outside data.root)
+    verify: bool = True
     # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
     augment: tuple[str, ...] = ("crop", "flip")
-    image_size: int = 32  # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32)
+    # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32, VGG16 at least 32)
+    image_size: int = 32
     synthetic_train: int = 5000  # synthetic: training images (class patterns plus noise, fixed by synthetic_seed)
     synthetic_test: int = 1000  # synthetic: test images
-    synthetic_classes: int = 10  # synthetic: number of classes
+    synthetic_classes: int = 10  # synthetic: number of classes (2 to 10000)
     synthetic_seed: int = 0  # synthetic: the same seed gives the same images everywhere
     # decoded datasets as .npy files, memory-mapped and so shared by the ranks of a node
     cache_dir: str = "~/.cache/cifar-scaffold"
@@ -57,7 +65,8 @@ class DataConfig:
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.synthetic_train", self.synthetic_train, 1)
         _at_least("data.synthetic_test", self.synthetic_test, 1)
-        _at_least("data.synthetic_classes", self.synthetic_classes, 2)
+        _between("data.synthetic_classes", self.synthetic_classes, 2, 10000)
+        _between("data.synthetic_seed", self.synthetic_seed, 0, MAX_SEED)
         _at_least("data.workers", self.workers, 0)  # its limit depends on the machine: train/runtime.py clamps it
 
 
@@ -98,6 +107,8 @@ class OptimConfig:
         _at_least("optim.warmup_epochs", self.warmup_epochs, 0.0)
         _at_least("optim.step_epochs", self.step_epochs, 1)
         _above("optim.gamma", self.gamma, 0.0)
+        if self.name == "adamw" and self.momentum >= 1:  # AdamW's beta1 must be below 1
+            raise ConfigError(f"config key 'optim.momentum' is AdamW's beta1 and must be below 1.0, got {self.momentum}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ class TrainConfig:
     def __post_init__(self):
         _at_least("train.epochs", self.epochs, 0)
         _at_least("train.batch_size", self.batch_size, 1)
+        _between("train.seed", self.seed, 0, MAX_SEED)
         _at_least("train.threads", self.threads, 0)
         _between("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _at_least("train.save_every_steps", self.save_every_steps, 0)
@@ -130,17 +142,21 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DistConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise | nccl | gloo
-    timeout_s: float = 300.0  # a collective that waits longer (a rank died) fails the run instead of hanging
+    timeout_s: float = 300.0  # a collective that waits longer (a rank died) fails the run instead of hanging (<= a week)
     # on these, all ranks stop at the next step, rank 0 saves last.pt, and the process exits 75 (train/cli.py's Exit)
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
     def __post_init__(self):
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
-        _above("dist.timeout_s", self.timeout_s, 0.0)
+        _between("dist.timeout_s", self.timeout_s, 1e-3, MAX_TIMEOUT_S)
         for name in self.stop_signals:
             if not isinstance(getattr(signal, name, None), signal.Signals):
                 raise ConfigError(
                     f"config key 'dist.stop_signals' has {name!r}, which is not a signal name (e.g. SIGTERM, SIGUSR1)"
+                )
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(
+                    f"config key 'dist.stop_signals' has {name}, which no process can catch; use SIGTERM or SIGUSR1"
                 )
 
 
@@ -168,6 +184,14 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self):
+        # the model's input size, for the only dataset whose size is configurable (CIFAR-10 and synthetic are 32)
+        size = self.data.image_size
+        if self.data.name == "imagefolder" and self.model.name == "cnn" and size != 32:
+            raise ConfigError(f"config key 'data.image_size' must be 32 for model.name=cnn (its Linear(1024, 64)), got {size}")
+        if self.data.name == "imagefolder" and self.model.name == "vgg16" and size < 32:
+            raise ConfigError(f"config key 'data.image_size' must be >= 32 for model.name=vgg16 (five 2x2 poolings), got {size}")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.log.run_dir)
@@ -184,6 +208,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.save_in_background",
         "data.root",
         "data.download",
+        "data.verify",
         "data.cache_dir",
         "data.workers",
         "dist.backend",
@@ -203,17 +228,26 @@ def _choice(key, value, choices):
         raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _finite(key, value):
+    # inf and nan pass comparisons they should fail (inf > 0, not nan < 0) and break the run later
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+
+
 def _at_least(key, value, low):
+    _finite(key, value)
     if value < low:
         raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
 
 
 def _above(key, value, low):
+    _finite(key, value)
     if not value > low:
         raise ConfigError(f"config key '{key}' must be > {low}, got {value}")
 
 
 def _between(key, value, low, high):
+    _finite(key, value)
     if not low <= value <= high:
         raise ConfigError(f"config key '{key}' must be between {low} and {high}, got {value}")
 
@@ -344,7 +378,7 @@ def _resolve_run_dir(cfg: Config) -> Config:
             raise _unknown(key)
         return str(flat[key]).replace("/", "_")
 
-    run_dir = re.sub(r"\{([a-z_]+\.[a-z_]+)\}", value, cfg.log.run_dir)
+    run_dir = os.path.expanduser(re.sub(r"\{([a-z_]+\.[a-z_]+)\}", value, cfg.log.run_dir))  # ~ as data.root has it
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, run_dir=run_dir))
 
 

@@ -142,11 +142,14 @@ class Trainer:
         self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last)
         self.folder = RunFolder(cfg.run_dir)
         self.saver = checkpoint.Saver(self.folder.checkpoints, background=runtime.save_in_background and dist.is_main)
-        self.progress, self.resumed_from, notes = checkpoint.resume(self.state, self.saver.folder, cfg, dist)
+        self.progress, self.resumed_from, notes = checkpoint.resume(
+            self.state, self.saver.folder, cfg, dist, self.data.identity()
+        )
         self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch)
-        for line in notes:
+        for line in self.data.notes + notes:
             self.logger.warn(line)
-        self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums)
+        # a window longer than an epoch never fills (an epoch's end closes it): no buffer for log.every_steps=10**18
+        self.meter = Meter(min(cfg.log.every_steps, self.steps_per_epoch), self.batch_per_rank, dist, self.progress.sums)
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ the story of a run
@@ -246,7 +249,8 @@ class Trainer:
         self.progress.sums = self.meter.totals()
         if self.dist.is_main:
             preprocess = self.preprocess.recipe(self.data.image_size)
-            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess)
+            data_id = self.data.identity()
+            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess, data_id)
             self.saver.save(payload, is_best)
 
     # ------------------------------------------------------------------ logs and checks

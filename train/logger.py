@@ -12,9 +12,35 @@ from pathlib import Path
 
 import torch
 
+from train import atomic
 from train.board import Board
 from train.checkpoint import Progress
+from train.cli import UserError
 from train.config import Config
+
+
+def keep_epochs(path: Path, epochs: int) -> list[str]:
+    """Rewrite metrics.jsonl (atomically) without the lines of epochs the checkpoint does not hold (a run killed
+    after logging, before saving) and without lines that are not JSON (cut short by a kill or a full disk);
+    a warning line for those."""
+    if not path.exists():
+        return []
+    kept, damaged = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            epoch = json.loads(line).get("epoch")
+        except (ValueError, AttributeError):  # not JSON, or JSON but not one of our lines
+            damaged.append(number)
+            continue
+        if isinstance(epoch, int) and epoch <= epochs:
+            kept.append(line)
+    atomic.write_atomic(path, data="".join(line + "\n" for line in kept).encode())
+    if not damaged:
+        return []
+    which = f"line {damaged[0]} is" if len(damaged) == 1 else f"lines {', '.join(map(str, damaged))} are"
+    return [f"{path} {which} damaged (cut short by a kill or a full disk?); dropped"]
 
 
 class Logger:
@@ -28,19 +54,11 @@ class Logger:
         self._last_bar = 0.0
         if enabled:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            self._keep_epochs(resumed_epochs)
+            atomic.remove_temporary(cfg.run_dir)  # of metrics.jsonl or config.yaml, left by a kill mid-write
+            for line in keep_epochs(self.metrics_path, resumed_epochs):
+                self.warn(line)
         self.board = Board(cfg.run_dir / "tb", enabled and cfg.log.tensorboard, cfg.log.graph)
-
-    def _keep_epochs(self, epochs: int) -> None:
-        """Drop metrics lines of epochs the checkpoint does not hold (a run killed after logging, before saving)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self._board_warnings()
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -77,14 +95,22 @@ class Logger:
                 flush=True,
             )
         self.board.step(p.step, loss, lr)
+        self._board_warnings()
 
     def epoch(self, metrics: dict) -> None:
         """The seed's tags per epoch, a metrics.jsonl line and a one-line summary."""
         if not self.enabled:
             return
         self.board.epoch(metrics)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self._board_warnings()
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:  # this epoch's checkpoint is not written yet: a rerun trains and logs it again
+            raise UserError(
+                f"could not append to {self.metrics_path} ({e.strerror or e}); nothing after the last checkpoint is kept. "
+                f"Free space (or fix permissions) and rerun the same command to resume"
+            ) from None
         self.info(
             f"epoch {metrics['epoch']}/{self.cfg.train.epochs} train_loss {metrics['train_loss']:.4f} "
             f"train_acc {metrics['train_acc']:.4f} test_loss {metrics['test_loss']:.4f} test_acc {metrics['test_acc']:.4f} "
@@ -94,9 +120,13 @@ class Logger:
     def first_batch(self, model: torch.nn.Module, batch: torch.Tensor, mean, std) -> None:
         if self.enabled:
             self.board.first_batch(model, batch, mean, std)
-            for line in self.board.warnings:
-                self.warn(line)
-            self.board.warnings.clear()
+            self._board_warnings()
+
+    def _board_warnings(self) -> None:
+        """What TensorBoard could not write (the graph of a model, a full or unwritable folder), as warnings."""
+        for line in self.board.warnings:
+            self.warn(line)
+        self.board.warnings.clear()
 
     # ------------------------------------------------------------------ the run's story
 
@@ -134,6 +164,7 @@ class Logger:
         self.board.hparams(
             hparams, {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "best_test_acc": best_acc}
         )
+        self._board_warnings()
         self.info(
             f"done: test_acc {metrics['test_acc']:.4f} (best {best_acc:.4f}); checkpoints in {checkpoints}, "
             f"TensorBoard: tensorboard --logdir {self.cfg.run_dir / 'tb'}"
@@ -142,3 +173,4 @@ class Logger:
     def close(self) -> None:
         self._end_bar()
         self.board.close()
+        self._board_warnings()

@@ -27,7 +27,7 @@ def run(cfg: config.Config, stop: cli.StopFlag | None = None) -> int:
     """
     import torch
 
-    from train import distributed, engine, runtime
+    from train import distributed, engine, runfolder, runtime
 
     launch = distributed.detect()
     chosen, warnings = runtime.resolve(cfg, launch)
@@ -39,9 +39,12 @@ def run(cfg: config.Config, stop: cli.StopFlag | None = None) -> int:
     stop = stop or cli.StopFlag()
     stop.listen(cfg.dist.stop_signals)
     try:
-        with distributed.setup(launch, chosen.torch_device, chosen.backend, cfg.dist.timeout_s) as dist:
+        with (
+            distributed.setup(launch, chosen.torch_device, chosen.backend, cfg.dist.timeout_s) as dist,
+            runfolder.owned(cfg.run_dir, dist) as notes,  # one trainer per run folder, for the whole run
+        ):
             trainer = engine.Trainer(cfg, chosen, dist, stop)
-            for line in warnings:
+            for line in warnings + notes:
                 trainer.logger.warn(line)
             try:
                 return trainer.fit()

@@ -113,6 +113,15 @@ def threads(setting: int, launch: Launch) -> int:
     return setting or max(1, cores)
 
 
+def clamp_threads(threads: int, warnings: list[str]) -> int:
+    # torch crashed (SIGSEGV) at train.threads=100000: more than 4 threads per core only slows a run down anyway
+    limit = 4 * len(os.sched_getaffinity(0))
+    if threads > limit:
+        warnings.append(f"train.threads={threads} is more than 4x the {limit // 4} cores this process may use; using {limit}")
+        return limit
+    return threads
+
+
 def workers(setting: int, warnings: list[str]) -> int:
     limit = 4 * len(os.sched_getaffinity(0))
     if setting > limit:
@@ -133,7 +142,7 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
         device=str(dev),
         backend=backend(cfg.dist.backend, dev, launch),
         amp=amp_setting(cfg.train.amp, dev),
-        threads=threads(cfg.train.threads, launch),
+        threads=clamp_threads(threads(cfg.train.threads, launch), warnings),
         workers=workers(cfg.data.workers, warnings),
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
