@@ -374,7 +374,7 @@ def test_a_damaged_dataset_cache_is_rebuilt_with_a_warning(damage, tmp_path):
     proc = ok(train(*cifar_args(tmp_path, tmp_path / "data"), cwd=tmp_path))
     problem = "train_images.npy" if damage == "truncated images" else "train_labels.npy"
     assert (
-        f"warning: the dataset cache {cache} is damaged ({problem} does not match the digest written with it); "
+        f"warning: the dataset cache {cache} cannot be trusted ({problem} does not match the digest written with it); "
         f"rebuilt it from the source files"
     ) in proc.stdout
     assert np.load(cache / "train_labels.npy").max() < 10

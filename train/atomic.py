@@ -131,7 +131,7 @@ def copy_atomic(src: Path, dst: Path) -> None:
     """`dst` becomes a copy of `src` (its own file: writing one never changes the other), atomically.
 
     os.copy_file_range copies inside the kernel: for a 1.1 GB checkpoint on ext4 it took 0.93 s where a
-    second torch.save took 2.40 s and shutil.copyfile 2.70 s (bench/checkpoint_copy.py, medians of 5).
+    second torch.save took 2.40 s (bench/checkpoint_copy.py; README, "Hostile files and misuse").
     """
     tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
     try:

@@ -142,7 +142,7 @@ def _cached(folder: Path, decode, notes: list[str], check: bool) -> Path:
         problem = _cache_problem(folder) if check else None
         if problem is None:
             return folder
-        notes.append(f"the dataset cache {folder} is damaged ({problem}); rebuilt it from the source files")
+        notes.append(f"the dataset cache {folder} cannot be trusted ({problem}); rebuilt it from the source files")
         aside = folder.with_name(f".{folder.name}.damaged.{os.getpid()}")
         with contextlib.suppress(OSError):  # another node sharing the cache may have moved it first
             os.rename(folder, aside)
@@ -155,9 +155,12 @@ def _cached(folder: Path, decode, notes: list[str], check: bool) -> Path:
 def _cache_problem(folder: Path) -> str | None:
     """What is wrong with a cache folder, or None when every file matches the digest written with it."""
     try:
-        digests = json.loads((folder / "meta.json").read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"meta.json unreadable or without digests ({type(e).__name__})"
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({type(e).__name__})"
+    digests = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(digests, dict):
+        return "meta.json has no digests: an older version wrote it"
     for name in CACHE_ARRAYS:
         try:
             with open(folder / f"{name}.npy", "rb") as f:
