@@ -17,7 +17,11 @@ the run) and `best.pt` (the best test accuracy so far). A checkpoint is one dict
                 generator, CUDA's)
     config      the resolved config as plain dicts: resume compares it, inference rebuilds from it
     classes     class names in label order
-    preprocess  image_size, mean, std: what inference does to an image before the model
+    preprocess  what inference does to an image before the model: `image_size`, `mean`, `std` (in
+                ToTensor()'s [0, 1] units; 0 and 1 for data.normalize=none) and `torchvision`,
+                the same as torchvision code: `transforms.Compose([transforms.Resize((32, 32)),
+                transforms.ToTensor()])(Image.open(path).convert('RGB'))`, plus a Normalize when
+                the run normalised
     versions    python, torch, torchvision and cifar-scaffold that wrote it
     digest      SHA-256 of all of the above
 
@@ -41,6 +45,7 @@ from torch import nn
 from train import atomic, config
 from train.cli import UserError
 from train.distributed import Dist
+from train.optimizer import replan
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 REJECTED = "last.pt.rejected"  # a last.pt that could not be resumed from, kept for inspection
@@ -198,6 +203,8 @@ def resume(state: TrainState, folder: Path, cfg: config.Config, dist: Dist) -> t
     payload = load(path, map_location=dist.device, verify=False)  # rank 0 verified this file
     progress = restore(payload, state, dist)
     notes = [f"{line}; resuming from {path.name} instead" for line in problems]
+    old_epochs = payload["config"]["train"]["epochs"]
+    notes.append(replan(state.optimizer, state.scheduler, old_epochs, cfg.train.epochs, cfg.optim.schedule, progress.step))
     if dist.is_main and path.name != LAST and (folder / LAST).exists():
         os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
     if len(payload["rng"]) != dist.world_size:
@@ -205,7 +212,7 @@ def resume(state: TrainState, folder: Path, cfg: config.Config, dist: Dist) -> t
             f"{path} was written by {len(payload['rng'])} rank(s), this run has {dist.world_size}: "
             f"weights and schedule continue exactly, random augmentation streams start afresh"
         )
-    return progress, path, notes
+    return progress, path, [line for line in notes if line]
 
 
 def save(folder: Path, payload: dict, is_best: bool) -> Path:
@@ -331,6 +338,7 @@ class Contents:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     epoch: int  # completed training epochs
+    step: int  # optimizer steps taken: TensorBoard's x-axis
 
 
 def contents(payload: dict, path: Path) -> Contents:
@@ -347,6 +355,7 @@ def contents(payload: dict, path: Path) -> Contents:
             tuple(prep["mean"]),
             tuple(prep["std"]),
             int(payload.get("progress", {}).get("epoch", 0)),
+            int(payload.get("progress", {}).get("step", 0)),
         )
     except (KeyError, TypeError, ValueError, UserError) as e:
         raise CheckpointError(f"checkpoint {path} lacks a config, classes or preprocess this version can read ({e})") from None

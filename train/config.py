@@ -41,6 +41,9 @@ class DataConfig:
     download: bool = True  # cifar10 missing from root: fetch the official archive (md5 checked); never falls back to synthetic
     # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
     augment: tuple[str, ...] = ("crop", "flip")
+    # after ToTensor()'s [0, 1]: none (the seed's ToTensor() alone) | cifar10 | imagenet ((x - mean) / std with their
+    # statistics). Checkpoints carry it, infer/ applies it, infer/export.py builds it into the exported model.
+    normalize: str = "cifar10"
     image_size: int = 32  # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32)
     synthetic_train: int = 5000  # synthetic: training images (class patterns plus noise, fixed by synthetic_seed)
     synthetic_test: int = 1000  # synthetic: test images
@@ -54,6 +57,7 @@ class DataConfig:
         _choice("data.name", self.name, ("cifar10", "imagefolder", "synthetic"))
         for name in self.augment:
             _choice("data.augment", name, AUGMENTATIONS)
+        _choice("data.normalize", self.normalize, ("none", "cifar10", "imagenet"))
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.synthetic_train", self.synthetic_train, 1)
         _at_least("data.synthetic_test", self.synthetic_test, 1)
