@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--variants", default="none:0.01,cifar10:0.01", help="data.normalize:optim.lr pairs, comma-separated")
     parser.add_argument("--seeds", default="0,1", help="train.seed values, comma-separated")
     parser.add_argument("--epochs", type=int, default=20, help="train.epochs (the default config's 20)")
+    parser.add_argument("--datasets", default="synthetic,cifar-format", help="which of synthetic, cifar-format (and cifar10)")
     parser.add_argument("--cifar10-root", type=Path, help="a folder holding the real cifar-10-batches-py/")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_normalize.json")
     args = parser.parse_args()
@@ -66,6 +67,8 @@ def main() -> None:
         if args.cifar10_root:
             datasets["cifar10"] = ["data.name=cifar10", f"data.root={args.cifar10_root}", "data.download=false"]
         for name, overrides in datasets.items():
+            if name not in args.datasets.split(",") and name != "cifar10":
+                continue
             for seed in args.seeds.split(","):
                 for variant in args.variants.split(","):
                     normalize, lr = variant.split(":")

@@ -175,6 +175,9 @@ def export(args: argparse.Namespace) -> str:
     loaded = loading.from_args(args, torch.device("cpu"))
     loading.warn(loaded.warning)
     model = Deployable(loaded.model.to(memory_format=torch.contiguous_format), loaded.mean, loaded.std).eval()
+    for stale in out.parent.glob(f".{out.name}.tmp.*"):  # left by an export that was killed (not one still running)
+        if not _alive(stale.name.rsplit(".", 1)[-1]):
+            stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")  # renamed to `out` once checked
     try:
         detail = make_and_check(args.format, model, loaded, tmp)
@@ -190,6 +193,16 @@ def export(args: argparse.Namespace) -> str:
         f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.format}): {name}, {n} classes; input float32 "
         f"(N, 3, {size}, {size}) in [0, 1] as ToTensor() gives, normalisation included; output logits (N, {n}); {detail}"
     )
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -44,6 +44,7 @@ from torch import nn
 
 from train import atomic, config
 from train.cli import UserError
+from train.data import CIFAR10_MEAN, NORMALISATIONS
 from train.distributed import Dist
 from train.optimizer import replan
 
@@ -320,6 +321,11 @@ def _upgrade(payload: dict, path: Path) -> dict:
             f"checkpoint {path} has format {found!r}, written by cifar-scaffold {wrote}; this version "
             f"reads formats up to {FORMAT}: update the project to load it"
         )
+    data_cfg = payload.get("config", {}).get("data") if isinstance(payload.get("config"), dict) else None
+    if isinstance(data_cfg, dict) and "normalize" not in data_cfg:  # written before data.normalize: it says it in preprocess
+        mean = tuple(payload.get("preprocess", {}).get("mean", CIFAR10_MEAN))
+        name = next((k for k, (m, _) in NORMALISATIONS.items() if tuple(m) == mean), "cifar10")
+        payload = dict(payload, config=dict(payload["config"], data=dict(data_cfg, normalize=name)))
     if found == 1 and isinstance(payload.get("progress"), dict):  # 1 -> 2: the position in the epoch was `batch`
         progress = dict(payload["progress"])
         progress["step_in_epoch"] = progress.pop("batch", 0)

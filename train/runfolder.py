@@ -3,7 +3,7 @@
 config.yaml     the config as the user gave it, resolved (`auto` stays `auto`: it loads anywhere)
 runtime.yaml    what train/runtime.py chose for it on this machine, in this attempt
 metrics.jsonl   one line per epoch (train/logger.py)
-tb/             TensorBoard (train/logger.py)
+events.out.tfevents.*   TensorBoard (train/board.py), in the run folder itself: `--logdir runs` names the run after it
 checkpoints/    last.pt, prev.pt, best.pt (train/checkpoint.py)
 """
 
@@ -22,7 +22,7 @@ class RunFolder:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.metrics = path / "metrics.jsonl"
-        self.tensorboard = path / "tb"
+        self.tensorboard = path  # TensorBoard's event files
 
     def write_settings(self, cfg: config.Config, runtime: Runtime) -> None:
         """config.yaml and runtime.yaml, each written atomically."""
