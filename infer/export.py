@@ -117,7 +117,10 @@ def run_onnx(path: Path) -> tuple[object, str]:
 def export_pt2(model: Deployable, example: torch.Tensor, path: Path, extra: dict[str, str]) -> None:
     with quiet():
         program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-        torch.export.save(program, path, extra_files=extra)
+        # into memory first: torch's zip writer, failing on a full disk, aborts the process when it is freed
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files=extra)
+    path.write_bytes(buffer.getvalue())  # a full disk is an OSError here: one line, the temporary file removed
 
 
 def run_pt2(path: Path) -> tuple[object, str]:

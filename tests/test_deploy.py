@@ -94,9 +94,9 @@ def test_the_seeds_own_code_predicts_what_predict_py_does(trained):
     root, paths = trained
     plain = root / "plain" / "checkpoints" / "best.pt"
     assert load(plain)["preprocess"]["mean"] == [0.0, 0.0, 0.0] and load(plain)["preprocess"]["std"] == [1.0, 1.0, 1.0]
-    classes, stderr = predicted_classes(plain, paths, root)
-    assert stderr == "" and len(set(classes)) >= 3, classes  # a model that tells images apart
-    assert seed_style(plain, paths, root, normalize=False) == classes
+    plain_classes, stderr = predicted_classes(plain, paths, root)
+    assert stderr == "" and len(set(plain_classes)) >= 3, plain_classes  # a model that tells images apart
+    assert seed_style(plain, paths, root, normalize=False) == plain_classes
 
     normalised = root / "normalised" / "checkpoints" / "best.pt"
     assert "transforms.Normalize([0.4914, 0.4822, 0.4465]" in load(normalised)["preprocess"]["torchvision"]
@@ -106,7 +106,7 @@ def test_the_seeds_own_code_predicts_what_predict_py_does(trained):
     # the weights alone, as the seed saves them: predict.py assumes the seed's ToTensor() and says so
     torch.save(load(plain)["model"], root / "SavedStateDict.pth")
     bare, stderr = predicted_classes(root / "SavedStateDict.pth", paths, root)
-    assert bare == predicted_classes(plain, paths, root)[0]
+    assert bare == plain_classes
     assert stderr.startswith(f"warning: {root / 'SavedStateDict.pth'} is a bare state_dict: it does not say how") and (
         "assuming the seed's Resize((32, 32)) and ToTensor() alone" in stderr and "--mean M M M --std S S S" in stderr
     )
