@@ -1,4 +1,4 @@
-"""Measure the times and sizes the README states, on this machine, and print them as the README quotes them.
+"""Measure the times and sizes the README states, on this machine; print them as JSON (README quotes them as a table).
 
     python bench/readme_times.py                          # the first training command, the venv sizes
     python bench/readme_times.py --suite                  # also the test command (about 10 minutes on 2 idle cores)
