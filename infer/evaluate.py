@@ -2,7 +2,7 @@
 
     python infer/evaluate.py --checkpoint runs/cifar10_cnn/checkpoints/best.pt
     python infer/evaluate.py --checkpoint best.pt data.name=imagefolder data.root=my_images --out confusion.png
-    torchrun --nproc_per_node=2 infer/evaluate.py --checkpoint best.pt --tensorboard runs/cifar10_cnn/tb
+    torchrun --nproc_per_node=2 infer/evaluate.py --checkpoint best.pt --tensorboard runs/cifar10_cnn
 
 The dataset is the one in the checkpoint's config, changed by `data.key=value` overrides; a plain
 state_dict has no config, so it gets the defaults (CIFAR-10 in ./data) and the overrides. The test
@@ -14,15 +14,15 @@ exactly, so the accuracy is the `test_acc` the trainer logged for the same check
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from infer import loading
-from train import cli, config, data, distributed, engine, runtime
+from train import atomic, cli, config, data, distributed, engine, pictures, runtime
 from train.cli import UserError
 
 
@@ -34,6 +34,8 @@ def data_config(saved: config.Config | None, overrides: list[str]) -> config.Dat
 def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     """Evaluate on every rank; rank 0 gets the report, the others None."""
     loaded = loading.from_args(args, dist.device)
+    if dist.is_main:
+        loading.warn(loaded.warning)
     cfg = data_config(loaded.config, args.overrides)
     datasets = data.load(cfg, dist)
     classes = datasets.classes
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         "checkpoint": str(args.checkpoint),
         "kind": loaded.kind,
         "epoch": loaded.epoch,
+        "step": loaded.step,
         "dataset": cfg.name,
         "count": result["count"],
         "correct": result["correct"],
@@ -96,53 +99,43 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def confusion_image(report: dict, cell: int = 40) -> Image.Image:
-    """A heat map of the confusion matrix with its counts: each row shaded by the share of its true class."""
-    classes, confusion = report["classes"], np.array(report["confusion"])
-    n = len(classes)
-    font = ImageFont.load_default(size=cell // 3)
-    left, top = 9 * cell // 2, 2 * cell  # room for the class names and the title
-    image = Image.new("RGB", (left + n * cell + cell // 2, top + n * cell + cell // 2), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text(
-        (cell // 4, cell // 2),
-        f"accuracy {report['accuracy']:.4f}: rows true class, columns predicted",
-        fill="black",
-        anchor="lm",
-        font=font,
-    )
-    share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    for i in range(n):
-        draw.text((left - cell // 4, top + i * cell + cell // 2), f"{i} {classes[i][:14]}", fill="black", anchor="rm", font=font)
-        draw.text((left + i * cell + cell // 2, top - cell // 3), str(i), fill="black", anchor="mm", font=font)
-        for j in range(n):
-            x, y = left + j * cell, top + i * cell
-            shade = int(round(255 * (1 - share[i, j])))
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
-            draw.text(
-                (x + cell // 2, y + cell // 2),
-                str(confusion[i, j]),
-                anchor="mm",
-                font=font,
-                fill="white" if share[i, j] > 0.5 else "black",
-            )
-    return image
+def check_destinations(out: Path | None, tensorboard: Path | None) -> None:
+    """Refuse, before evaluating, a place that cannot be written; no folder is made but the one --tensorboard names."""
+    if out is not None:
+        loading.writable_file(out, ".png", "--out")
+    if tensorboard is not None:
+        if tensorboard.exists() and not tensorboard.is_dir():
+            raise UserError(f"--tensorboard {tensorboard} is a file; give a folder (a run folder, or a new one)")
+        loading.writable_folder(tensorboard if tensorboard.is_dir() else tensorboard.parent, f"--tensorboard {tensorboard}")
 
 
 def write_outputs(report: dict, out: Path | None, tensorboard: Path | None) -> None:
-    image = confusion_image(report)
+    """The confusion matrix as a PNG and/or in TensorBoard; a line on stderr says what was written where."""
+    title = f"{report['dataset']} test split: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['count']})"
+    image = pictures.confusion_matrix(report["confusion"], report["classes"], title)
     if out is not None:
+        png = io.BytesIO()
+        image.save(png, format="PNG")
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            image.save(out)
-        except (OSError, ValueError) as e:  # ValueError: a file name PIL cannot tell the format of
-            raise UserError(f"cannot write {out} ({e}); give a writable path ending in .png") from None
+            atomic.write_atomic(out, data=png.getvalue())  # a full disk leaves no half-written file
+        except OSError as e:
+            raise UserError(f"cannot write {out} ({e.strerror or e}); give a writable path ending in .png") from None
+        print(f"wrote the confusion matrix ({image.width}x{image.height} PNG) to {out}", file=sys.stderr, flush=True)
     if tensorboard is not None:
         from torch.utils.tensorboard import SummaryWriter  # slow to import: only when asked for
 
+        created = not tensorboard.exists()
+        step = report["step"]  # the checkpoint's global step: the trainer's x-axis, so the points line up with its curves
         with SummaryWriter(str(tensorboard)) as writer:
-            writer.add_image("Confusion/Test", np.asarray(image), global_step=report["epoch"], dataformats="HWC")
-            writer.add_scalar("Accuracy/Evaluate", report["accuracy"], global_step=report["epoch"])
+            writer.add_image("Test/Confusion matrix (evaluate.py)", np.asarray(image), global_step=step, dataformats="HWC")
+            writer.add_scalar("Test/Accuracy (evaluate.py)", report["accuracy"], global_step=step)
+        print(
+            f"{'created ' + str(tensorboard) + ' and ' if created else ''}added 'Test/Accuracy (evaluate.py)' and "
+            f"'Test/Confusion matrix (evaluate.py)' at step {step} to TensorBoard events in {tensorboard}; "
+            f"see them with: tensorboard --logdir {tensorboard.resolve().parent}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -159,9 +152,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="global evaluation batch (default: the trainer's, twice train.batch_size)",
     )
-    parser.add_argument("--out", type=Path, metavar="FILE.png", help="also draw the confusion matrix into this PNG")
     parser.add_argument(
-        "--tensorboard", type=Path, metavar="DIR", help="also add the confusion matrix image to TensorBoard in DIR"
+        "--out", type=Path, metavar="FILE.png", help="also draw the confusion matrix into this PNG (its folder must exist)"
+    )
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="also add the accuracy and the confusion matrix to TensorBoard in DIR (the run folder puts them beside its "
+        "curves, at the checkpoint's step)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument(
@@ -177,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
     def body() -> int:
+        check_destinations(args.out, args.tensorboard)
         launch = distributed.detect()
         dev = loading.device(args.device, launch)  # a missing GPU is one line before any process group forms
         with distributed.setup(launch, dev, runtime.backend("auto", dev, launch)) as dist:

@@ -5,7 +5,8 @@ Three kinds of file, one result (`Loaded`):
   everything: the architecture (`config.model`), the class names and the normalisation;
 - a plain `state_dict` (the seed's `torch.save(model.state_dict(), ...)`): the architecture and
   the number of classes are read from its key names and shapes (`--model` decides when they
-  cannot); the seed trained with `ToTensor()` only, so its inputs are not normalised;
+  cannot); the file does not say how images were preprocessed, so the seed's `ToTensor()` alone
+  is assumed (no normalisation) and `warning` says so, unless `--mean`/`--std` say otherwise;
 - a whole pickled model (the seed's `torch.save(model, ...)`): unpickling runs code from the
   file, so it is refused unless the user passes `--unsafe-load`. Then the seed's class
   `__main__.MyModule` is read as SeedCNN, and the weights take the `state_dict` path.
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from torch import nn
 
 from train import augment, checkpoint, config, data, models, runtime
 from train.checkpoint import CheckpointError
+from train.cli import UserError
 from train.distributed import Launch
 
 # The seed resized to 32x32 and used ToTensor() only: pixels in [0, 1], no mean/std normalisation.
@@ -56,14 +60,16 @@ class Loaded:
     config: config.Config | None  # the training config: this project's checkpoints only
     epoch: int  # completed training epochs (0 when the file does not say)
     kind: str  # "checkpoint" | "state_dict" | "whole model"
+    step: int = 0  # optimizer steps taken (0 when the file does not say): TensorBoard's x-axis
+    warning: str | None = None  # what was assumed about the file, for a `warning:` line
 
     def preprocess(self, device: torch.device) -> augment.Preprocess:
         """uint8 batches (B, 3, H, W) to the normalised float batches the model was trained on."""
         return augment.Preprocess((), device, self.channels_last, self.mean, self.std)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options predict.py and evaluate.py share: which file, how to read it, where to run."""
+def add_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The options predict.py, evaluate.py and export.py share: which file, how to read it, where to run (`device`)."""
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -82,12 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept a whole pickled model: loading it runs code from the file, so only for files you trust",
     )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        type=_device_name,
-        help="auto (CUDA when there is one, else the CPU), cpu, cuda (under torchrun: each rank's own) or cuda:N",
-    )
+    if device:
+        parser.add_argument(
+            "--device",
+            default="auto",
+            type=_device_name,
+            help="auto (CUDA when there is one, else the CPU), cpu, cuda (under torchrun: each rank's own) or cuda:N",
+        )
     parser.add_argument(
         "--mean",
         nargs=3,
@@ -123,6 +130,30 @@ def _positive_float(text: str) -> float:
     return float(text)
 
 
+def warn(message: str | None) -> None:
+    """A `warning: ...` line on stderr (stdout stays the report, parseable with --json)."""
+    if message:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """UserError unless `folder` exists and can be written: infer/ never creates a folder the user did not name."""
+    folder = folder if str(folder) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{option}: folder {folder} does not exist; create it first (nothing is created for you)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option}: folder {folder} is not writable; choose a folder you can write to")
+
+
+def writable_file(path: Path, suffix: str, option: str) -> None:
+    """UserError unless `path` can be written as a new or replaced file ending in `suffix`, checked before any work."""
+    if path.suffix.lower() != suffix:
+        raise UserError(f"{option} {path} must be a file name ending in {suffix}")
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {path / ('model' + suffix)}")
+    writable_folder(path.parent, f"{option} {path}")
+
+
 def _device_name(text: str) -> str:
     if not re.fullmatch(config.DEVICE_NAMES, text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
@@ -137,7 +168,8 @@ def device(name: str, launch: Launch | None = None) -> torch.device:
 def from_args(args: argparse.Namespace, dev: torch.device) -> Loaded:
     loaded = load(args.checkpoint, dev, args.model, args.unsafe_load)
     if args.mean is not None or args.std is not None:
-        loaded = dataclasses.replace(loaded, mean=tuple(args.mean or loaded.mean), std=tuple(args.std or loaded.std))
+        mean, std = tuple(args.mean or loaded.mean), tuple(args.std or loaded.std)
+        loaded = dataclasses.replace(loaded, mean=mean, std=std, warning=None)  # the user said it
     return loaded
 
 
@@ -161,7 +193,13 @@ def load(path: Path, dev: torch.device, model_name: str | None = None, unsafe: b
     classes = (
         list(data.CIFAR10_CLASSES) if num_classes == len(data.CIFAR10_CLASSES) else [f"class_{i}" for i in range(num_classes)]
     )
-    return Loaded(model.to(dev).eval(), classes, SEED_IMAGE_SIZE, SEED_MEAN, SEED_STD, False, None, 0, kind)
+    assumed = (
+        f"{path} is {'a bare state_dict' if kind == 'state_dict' else 'a whole pickled model'}: it does not say how its "
+        f"images were preprocessed in training; assuming the seed's "
+        f"Resize(({SEED_IMAGE_SIZE}, {SEED_IMAGE_SIZE})) and ToTensor() alone (pixels in [0, 1], no normalisation). "
+        f"If it was trained with transforms.Normalize(mean, std), pass --mean M M M --std S S S"
+    )
+    return Loaded(model.to(dev).eval(), classes, SEED_IMAGE_SIZE, SEED_MEAN, SEED_STD, False, None, 0, kind, 0, assumed)
 
 
 def _read(path: Path, dev: torch.device, unsafe: bool):
@@ -244,6 +282,7 @@ def _project_checkpoint(path: Path, payload: dict, dev: torch.device) -> Loaded:
         cfg,
         found.epoch,
         "checkpoint",
+        found.step,
     )
 
 

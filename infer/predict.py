@@ -82,12 +82,15 @@ def predict(loaded: loading.Loaded, dev: torch.device, paths: list[Path], topk: 
 
 
 def table(results: list[dict], topk: int) -> str:
-    rows = [("image", "class", "prob", f"top-{topk}")]
-    rows += [
+    """One row per image that was classified, under a header; nothing at all when none was."""
+    rows = [
         (r["path"], r["class"], f"{r['prob']:.4f}", ", ".join(f"{t['class']} {t['prob']:.4f}" for t in r["topk"]))
         for r in results
         if "error" not in r
     ]
+    if not rows:
+        return ""
+    rows.insert(0, ("image", "class", "prob", f"top-{topk}"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]) for row in rows)
 
@@ -128,9 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.classes) != len(loaded.classes):
                 raise UserError(f"--classes names {len(args.classes)} classes, but the model has {len(loaded.classes)} outputs")
             loaded = dataclasses.replace(loaded, classes=args.classes)
+        loading.warn(loaded.warning)
         topk = min(args.topk, len(loaded.classes))
+        if topk < args.topk:
+            loading.warn(f"--topk {args.topk} is more than the model's {len(loaded.classes)} classes; listing all {topk}")
         results = predict(loaded, dev, image_files(args.inputs), topk)
-        print(json.dumps(results, indent=2) if args.json else table(results, topk), flush=True)
+        report = json.dumps(results, indent=2) if args.json else table(results, topk)
+        if report:
+            print(report, flush=True)
         errors = [r["error"] for r in results if "error" in r]
         for line in errors:
             cli.report(line)

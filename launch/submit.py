@@ -234,6 +234,16 @@ def submit(args, jobs, root: Path, folder: Path, name: str) -> int:
         job_config.parent.mkdir(parents=True, exist_ok=True)
         job_config.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
         calls.append(TrainJob(["--config", str(job_config)]))
+    if args.cluster == "local" and args.gpus_per_node:
+        import torch  # only here: the launcher's other paths need no torch
+
+        if not torch.cuda.is_available():
+            print(
+                f"warning: --gpus-per-node {args.gpus_per_node} but torch sees no GPU on this machine: "
+                f"the job runs on the CPU ({args.tasks_per_node or args.gpus_per_node} process(es))",
+                file=sys.stderr,
+                flush=True,
+            )
     executor = make_executor(args, folder, name)
     submitted = executor.submit_array(calls) if len(calls) > 1 else [executor.submit(calls[0])]
     where = {"slurm": "SLURM", "local": "this machine", "debug": "this process"}[args.cluster]

@@ -285,9 +285,43 @@ def test_evaluate_gives_the_logged_accuracy_with_table_png_and_tensorboard(smoke
     assert len(per_class) == 10 and sum(int(c) for c, _ in per_class) == correct and sum(int(n) for _, n in per_class) == count
     with Image.open(tmp_path / "confusion.png") as png:
         assert png.format == "PNG" and png.width > 400
+    step = load(smoke_run / "checkpoints" / "last.pt")["progress"]["step"]
+    assert proc.stderr.splitlines() == [
+        f"wrote the confusion matrix ({png.width}x{png.height} PNG) to {tmp_path / 'confusion.png'}",
+        f"created {tmp_path / 'tb'} and added 'Test/Accuracy (evaluate.py)' and 'Test/Confusion matrix (evaluate.py)' at "
+        f"step {step} to TensorBoard events in {tmp_path / 'tb'}; see them with: tensorboard --logdir {tmp_path}",
+    ]
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     acc.Reload()
-    assert "Confusion/Test" in acc.Tags()["images"]
+    assert "Test/Confusion matrix (evaluate.py)" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("Test/Accuracy (evaluate.py)")] == [step]  # the trainer's x-axis
+
+
+@pytest.mark.parametrize(
+    "option, path, expected",
+    [
+        ("--out", "missing/confusion.png", "--out {p}: folder {t}/missing does not exist; create it first"),
+        ("--out", "confusion.jpg", "--out {p} must be a file name ending in .png"),
+        ("--out", ".", "--out {p} must be a file name ending in .png"),
+        ("--tensorboard", "missing/tb", "--tensorboard {p}: folder {t}/missing does not exist; create it first"),
+        ("--tensorboard", "file.txt", "--tensorboard {p} is a file; give a folder"),
+    ],
+)
+def test_evaluate_refuses_unusable_destinations_before_working(smoke_run, tmp_path, option, path, expected):
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    target = tmp_path / path
+    line = one_error_line(evaluate("--checkpoint", smoke_run / "checkpoints" / "last.pt", option, target, cwd=tmp_path))
+    assert line.startswith("error: " + expected.format(p=target, t=tmp_path)), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # no folder made, nothing written
+
+
+def test_predict_says_when_topk_is_clamped_and_prints_no_empty_table(smoke_run, tmp_path):
+    proc = predict("--checkpoint", smoke_run / "checkpoints" / "last.pt", "--topk", "20", tmp_path / "missing.png", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""  # no image could be read: no header either
+    assert proc.stderr.splitlines() == [
+        "warning: --topk 20 is more than the model's 10 classes; listing all 10",
+        f"error: image {tmp_path / 'missing.png'} not found",
+    ]
 
 
 def test_evaluate_on_two_ranks_gives_the_logged_accuracy(smoke_run, tmp_path):

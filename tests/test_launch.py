@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, env_for_tests, load, ok, one_error_line, run
 
@@ -132,7 +133,12 @@ def test_bad_override_is_one_line(tmp_path):
 
 
 def test_local_executor_runs_the_smoke_config(tmp_path):
-    proc = ok(submit("--config", SMOKE, "--cluster", "local", "train.epochs=1", f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path))
+    """One GPU asked for: where torch sees none, the launcher says the job runs on the CPU."""
+    args = ["--config", SMOKE, "--cluster", "local", "--gpus-per-node", "1", "train.epochs=1", f"log.run_dir={tmp_path / 'run'}"]
+    proc = ok(submit(*args, cwd=tmp_path))
+    if not torch.cuda.is_available():
+        assert "warning: --gpus-per-node 1 but torch sees no GPU on this machine: the job runs on the CPU" in proc.stderr
+        assert "running on: 1 process on cpu" in proc.stdout
     assert re.search(r"job \d+ ended: FINISHED", proc.stdout), proc.stdout
     assert "done: test_acc" in proc.stdout  # the job's log, streamed
     run_dir = tmp_path / "run"

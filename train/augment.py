@@ -38,8 +38,16 @@ class Preprocess:
         self.outputs: dict[torch.Size, torch.Tensor] = {}
 
     def recipe(self, image_size: int) -> dict:
-        """What inference does to an image before the model (a checkpoint's `preprocess` entry)."""
-        return {"image_size": image_size, "mean": list(self.mean), "std": list(self.std)}
+        """What inference does to an image before the model (a checkpoint's `preprocess` entry), also as torchvision code."""
+        steps = [f"transforms.Resize(({image_size}, {image_size}))", "transforms.ToTensor()"]
+        if self.mean != (0.0, 0.0, 0.0) or self.std != (1.0, 1.0, 1.0):
+            steps.append(f"transforms.Normalize({list(self.mean)}, {list(self.std)})")
+        return {
+            "image_size": image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "torchvision": f"transforms.Compose([{', '.join(steps)}])(Image.open(path).convert('RGB'))",
+        }
 
     def _normalise(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)

@@ -20,7 +20,11 @@ never changes another). A checkpoint is one dict, written with
     classes     class names in label order
     data        what it was trained on: classes, train and test sizes, a digest of the labels
                 (data.Datasets.identity); a resume on other data is refused (format-1 files lack it)
-    preprocess  image_size, mean, std: what inference does to an image before the model
+    preprocess  what inference does to an image before the model: `image_size`, `mean`, `std` (in
+                ToTensor()'s [0, 1] units; 0 and 1 for data.normalize=none) and `torchvision`,
+                the same as torchvision code: `transforms.Compose([transforms.Resize((32, 32)),
+                transforms.ToTensor()])(Image.open(path).convert('RGB'))`, plus a Normalize when
+                the run normalised
     versions    python, torch, torchvision and cifar-scaffold that wrote it
     digest      SHA-256 of all of the above
 
@@ -43,7 +47,9 @@ from torch import nn
 
 from train import atomic, config
 from train.cli import UserError
+from train.data import CIFAR10_MEAN, NORMALISATIONS
 from train.distributed import Dist
+from train.optimizer import replan
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 REJECTED = "last.pt.rejected"  # a last.pt that could not be resumed from, kept for inspection
@@ -226,6 +232,8 @@ def resume(
     notes = [f"{line}; resuming from {path.name} instead" for line in problems]
     if payload.get("data") is None:
         notes.append(f"{path} does not record the data it was trained on (an older checkpoint): data.root is not checked")
+    old_epochs = payload["config"]["train"]["epochs"]
+    notes.append(replan(state.optimizer, state.scheduler, old_epochs, cfg.train.epochs, cfg.optim.schedule, progress.step))
     if dist.is_main and path.name != LAST and (folder / LAST).exists():
         os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
     if len(payload["rng"]) != dist.world_size:
@@ -233,7 +241,7 @@ def resume(
             f"{path} was written by {len(payload['rng'])} rank(s), this run has {dist.world_size}: "
             f"weights and schedule continue exactly, random augmentation streams start afresh"
         )
-    return progress, path, notes
+    return progress, path, [line for line in notes if line]
 
 
 def save(folder: Path, payload: dict, is_best: bool) -> Path:
@@ -341,6 +349,11 @@ def _upgrade(payload: dict, path: Path) -> dict:
             f"checkpoint {path} has format {found!r}, written by cifar-scaffold {wrote}; this version "
             f"reads formats up to {FORMAT}: update the project to load it"
         )
+    data_cfg = payload.get("config", {}).get("data") if isinstance(payload.get("config"), dict) else None
+    if isinstance(data_cfg, dict) and "normalize" not in data_cfg:  # written before data.normalize: it says it in preprocess
+        mean = tuple(payload.get("preprocess", {}).get("mean", CIFAR10_MEAN))
+        name = next((k for k, (m, _) in NORMALISATIONS.items() if tuple(m) == mean), "cifar10")
+        payload = dict(payload, config=dict(payload["config"], data=dict(data_cfg, normalize=name)))
     if found == 1 and isinstance(payload.get("progress"), dict):  # 1 -> 2: the position in the epoch was `batch`
         progress = dict(payload["progress"])
         progress["step_in_epoch"] = progress.pop("batch", 0)
@@ -359,6 +372,7 @@ class Contents:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     epoch: int  # completed training epochs
+    step: int  # optimizer steps taken: TensorBoard's x-axis
 
 
 def contents(payload: dict, path: Path) -> Contents:
@@ -375,6 +389,7 @@ def contents(payload: dict, path: Path) -> Contents:
             tuple(prep["mean"]),
             tuple(prep["std"]),
             int(payload.get("progress", {}).get("epoch", 0)),
+            int(payload.get("progress", {}).get("step", 0)),
         )
     except (KeyError, TypeError, ValueError, UserError) as e:
         raise CheckpointError(f"checkpoint {path} lacks a config, classes or preprocess this version can read ({e})") from None

@@ -48,6 +48,10 @@ class DataConfig:
     verify: bool = True
     # applied to whole batches, in this order: crop (pad 4), flip, grayscale (p=.4), jitter (brightness .4)
     augment: tuple[str, ...] = ("crop", "flip")
+    # after ToTensor()'s [0, 1]: none (the seed's ToTensor() alone: the seed's MyModule and transforms answer as predict.py)
+    # | cifar10 | imagenet ((x - mean) / std with those statistics; vgg16 with ImageNet weights). Checkpoints carry it,
+    # infer/ applies it, infer/export.py builds it into the exported model. What `none` costs: README, Training.
+    normalize: str = "none"
     # imagefolder images are resized to image_size x image_size (the CNN's Linear(1024, 64) needs 32, VGG16 at least 32)
     image_size: int = 32
     synthetic_train: int = 5000  # synthetic: training images (class patterns plus noise, fixed by synthetic_seed)
@@ -62,6 +66,7 @@ class DataConfig:
         _choice("data.name", self.name, ("cifar10", "imagefolder", "synthetic"))
         for name in self.augment:
             _choice("data.augment", name, AUGMENTATIONS)
+        _choice("data.normalize", self.normalize, ("none", "cifar10", "imagenet"))
         _at_least("data.image_size", self.image_size, 8)
         _at_least("data.synthetic_train", self.synthetic_train, 1)
         _at_least("data.synthetic_test", self.synthetic_test, 1)
@@ -89,7 +94,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.01  # peak learning rate, for the global batch size
+    # peak learning rate, for the global batch size. The CNN on ToTensor() input (data.normalize=none) diverged at 0.01
+    # (NaN in epoch 5, 2 seeds of 2, bench/normalize_cost.py); 0.005 trains
+    lr: float = 0.005
     momentum: float = 0.9  # sgd momentum; adamw uses it as beta1
     nesterov: bool = True  # sgd only
     weight_decay: float = 5e-4

@@ -42,6 +42,13 @@ except ImportError:  # numpy 1
 # Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet weights expect these
+# data.normalize -> (mean, std) in [0, 1] units; `none` is the seed's ToTensor() alone (mean 0, std 1)
+NORMALISATIONS = {
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 # torchvision's CIFAR10 class names in label order (batches.meta's label_names): what the seed's models predict.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import augment, checkpoint, config, data, faults, models
+from train import augment, checkpoint, data, faults, models
+from train.board import TestExamples
 from train.cli import Exit, UserError
 from train.config import Config
 from train.distributed import Dist
@@ -42,9 +43,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, preprocess: augment.Preprocess, dist: Dist, num_classes: int, dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader,
+    preprocess: augment.Preprocess,
+    dist: Dist,
+    num_classes: int,
+    dtype: torch.dtype | None = None,
+    observe=None,
 ) -> dict:
-    """Loss, accuracy and confusion matrix over the whole split, summed exactly across ranks."""
+    """Loss, accuracy and confusion matrix over the whole split, summed exactly across ranks.
+
+    `observe(images, labels, logits)`, when given, sees every batch (TensorBoard's examples).
+    """
     device = dist.device
     was_training = model.training
     model.eval()
@@ -56,6 +66,8 @@ def evaluate(
             out = model(preprocess.test(x))
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes * num_classes)
+        if observe is not None:
+            observe(x, y, out)
         faults.point("eval")
     model.train(was_training)
     # one all-reduce of both sums: counts are exact integers, the loss a float64 sum
@@ -139,13 +151,14 @@ class Trainer:
         self.model = self.state.model  # unwrapped: what checkpoints hold; ddp_model is what the step calls
         self.ddp_model = wrap(self.model, dist, cfg.model.compile)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-        self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last)
+        mean, std = data.NORMALISATIONS[cfg.data.normalize]
+        self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last, mean, std)
         self.folder = RunFolder(cfg.run_dir)
         self.saver = checkpoint.Saver(self.folder.checkpoints, background=runtime.save_in_background and dist.is_main)
         self.progress, self.resumed_from, notes = checkpoint.resume(
             self.state, self.saver.folder, cfg, dist, self.data.identity()
         )
-        self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch)
+        self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch, self.progress.step)
         for line in self.data.notes + notes:
             self.logger.warn(line)
         # a window longer than an epoch never fills (an epoch's end closes it): no buffer for log.every_steps=10**18
@@ -180,7 +193,7 @@ class Trainer:
             if self.dist.any(self.stop.requested):
                 return self._stopped("after the epoch's evaluation and save; rerun the same command to continue")
         self.saver.wait()
-        self.logger.done(self.last_metrics, p.best_acc, config.flatten(self.cfg), self.saver.folder)
+        self.logger.done(self.last_metrics, p.best_acc, self.saver.folder)
         return Exit.OK
 
     def train_one_epoch(self) -> bool:
@@ -228,7 +241,11 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         loader = data.eval_loader(self.data.test, 2 * self.batch_per_rank, self.dist.rank, self.dist.world_size)
-        return evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype)
+        examples = TestExamples() if self.cfg.log.tensorboard else None  # every rank: TensorBoard's PR curves need all
+        observe = examples.add if examples else None
+        test = evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype, observe)
+        test["examples"] = examples.gather(self.dist) if examples else None
+        return test
 
     def _end_epoch(self, test: dict) -> None:
         """The epoch's metrics to the logs, then last.pt (and best.pt)."""
@@ -239,7 +256,7 @@ class Trainer:
         p.best_acc = max(p.best_acc, test["acc"])
         p.step_in_epoch, p.seconds = 0, 0.0
         self.meter.reset()
-        self.logger.epoch(self.last_metrics)
+        self.logger.epoch(self.last_metrics, test, self.data.classes)
         self.save(is_best)
 
     def save(self, is_best: bool = False) -> None:

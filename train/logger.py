@@ -16,7 +16,7 @@ from train import atomic
 from train.board import Board
 from train.checkpoint import Progress
 from train.cli import UserError
-from train.config import Config
+from train.config import Config, flatten
 
 
 def keep_epochs(path: Path, epochs: int) -> list[str]:
@@ -44,8 +44,8 @@ def keep_epochs(path: Path, epochs: int) -> list[str]:
 
 
 class Logger:
-    def __init__(self, cfg: Config, progress: str, enabled: bool, resumed_epochs: int = 0):
-        """`progress`: bar | lines | none, as train/runtime.py resolved log.progress."""
+    def __init__(self, cfg: Config, progress: str, enabled: bool, resumed_epochs: int = 0, resumed_step: int = 0):
+        """`progress`: bar | lines | none, as train/runtime.py resolved log.progress; `resumed_*`: where the checkpoint is."""
         self.enabled = enabled
         self.cfg = cfg
         self.metrics_path = cfg.run_dir / "metrics.jsonl"
@@ -57,7 +57,9 @@ class Logger:
             atomic.remove_temporary(cfg.run_dir)  # of metrics.jsonl or config.yaml, left by a kill mid-write
             for line in keep_epochs(self.metrics_path, resumed_epochs):
                 self.warn(line)
-        self.board = Board(cfg.run_dir / "tb", enabled and cfg.log.tensorboard, cfg.log.graph)
+        # a resumed run hides what a killed attempt logged after its checkpoint (steps > resumed_step)
+        purge = resumed_step + 1 if resumed_step else None
+        self.board = Board(cfg.run_dir, enabled and cfg.log.tensorboard, cfg.log.graph, purge)
         self._board_warnings()
 
     def info(self, message: str) -> None:
@@ -94,14 +96,14 @@ class Logger:
                 f"epoch {p.epoch + 1} step {p.step_in_epoch}/{steps} loss {loss:.4f} lr {lr:.4g} {images_per_s:.0f} img/s",
                 flush=True,
             )
-        self.board.step(p.step, loss, lr)
+        self.board.step(p.step, loss, lr, whole_epoch=self.cfg.log.every_steps >= steps)
         self._board_warnings()
 
-    def epoch(self, metrics: dict) -> None:
-        """The seed's tags per epoch, a metrics.jsonl line and a one-line summary."""
+    def epoch(self, metrics: dict, test: dict, classes: list[str]) -> None:
+        """The seed's tags per epoch (and the evaluation's pictures), a metrics.jsonl line and a one-line summary."""
         if not self.enabled:
             return
-        self.board.epoch(metrics)
+        self.board.epoch(metrics, test, classes)
         self._board_warnings()
         try:
             with open(self.metrics_path, "a") as f:
@@ -141,6 +143,9 @@ class Logger:
             f"training {cfg.model.name} on {cfg.data.name} ({n_train} train / {n_test} test images) on {world_size} x "
             f"{device} for {cfg.train.epochs} epochs of {steps} steps; run folder {cfg.run_dir}"
         )
+        if self.enabled:
+            self.board.hparams_start(flatten(cfg), world_size)
+            self._board_warnings()
 
     def nothing_to_do(self, p: Progress) -> None:
         """What a rerun of a run that has reached train.epochs says."""
@@ -157,17 +162,16 @@ class Logger:
                 f"Raise train.epochs to train on, or choose another log.run_dir"
             )
 
-    def done(self, metrics: dict, best_acc: float, hparams: dict, checkpoints: Path) -> None:
-        """The hyperparameters with the final metrics to TensorBoard, and the last line of a finished run."""
+    def done(self, metrics: dict, best_acc: float, checkpoints: Path) -> None:
+        """The run marked finished in TensorBoard, and the last line of a finished run."""
         if not self.enabled:
             return
-        self.board.hparams(
-            hparams, {"test_acc": metrics["test_acc"], "test_loss": metrics["test_loss"], "best_test_acc": best_acc}
-        )
+        self.board.hparams_end()
         self._board_warnings()
+        # TensorBoard names a run by its folder below --logdir: the parent shows this run as its folder's name
         self.info(
             f"done: test_acc {metrics['test_acc']:.4f} (best {best_acc:.4f}); checkpoints in {checkpoints}, "
-            f"TensorBoard: tensorboard --logdir {self.cfg.run_dir / 'tb'}"
+            f"TensorBoard: tensorboard --logdir {self.cfg.run_dir.resolve().parent}"
         )
 
     def close(self) -> None:

@@ -40,3 +40,22 @@ def lr_factor(cfg: config.OptimConfig, epochs: int, steps_per_epoch: int):
 def make_scheduler(cfg: config.OptimConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
     """Stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, epochs, steps_per_epoch))
+
+
+def replan(optimizer: torch.optim.Optimizer, scheduler, old_epochs: int, new_epochs: int, schedule: str, step: int) -> str | None:
+    """After a resume: set the learning rate the schedule now gives for the next step; a line when the plan changed.
+
+    One-cycle and cosine stretch their decay over train.epochs, so raising it on a resume moves the
+    learning rate (a finished one-cycle run goes from 0 back up). The line says so, with the values.
+    """
+    saved = [group["lr"] for group in optimizer.param_groups]  # what the old plan set for the next step
+    now = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(saved, now)):
+        return None
+    for group, lr in zip(optimizer.param_groups, now):
+        group["lr"] = lr
+    why = f"train.epochs {old_epochs} -> {new_epochs} re-plans" if old_epochs != new_epochs else "the config changes"
+    return (
+        f"{why} the {schedule} learning-rate schedule: at global step {step} the learning rate goes from "
+        f"{saved[0]:.4g} to {now[0]:.4g} and follows the new plan from there"
+    )

@@ -3,7 +3,7 @@
 config.yaml     the config as the user gave it, resolved (`auto` stays `auto`: it loads anywhere)
 runtime.yaml    what train/runtime.py chose for it on this machine, in this attempt
 metrics.jsonl   one line per epoch (train/logger.py)
-tb/             TensorBoard (train/logger.py)
+events.out.tfevents.*   TensorBoard (train/board.py), in the run folder itself: `--logdir runs` names the run after it
 checkpoints/    last.pt, prev.pt, best.pt (train/checkpoint.py)
 trainer.lock    who trains in this folder now: the lock below, and a line naming its holder
 earlier-*/      an earlier run's best.pt, metrics and TensorBoard, moved aside when a run had to start over
@@ -38,7 +38,7 @@ class RunFolder:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.metrics = path / "metrics.jsonl"
-        self.tensorboard = path / "tb"
+        self.tensorboard = path  # TensorBoard's event files (before, in tb/)
         self._lock: int | None = None  # the open lock file while this process owns the folder
 
     def write_settings(self, cfg: config.Config, runtime: Runtime) -> None:
@@ -95,7 +95,8 @@ class RunFolder:
         aside = self.path / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}"
         if aside.exists():
             aside = aside.with_name(f"{aside.name}-{os.getpid()}")
-        history = [best, self.checkpoints / "last.pt.rejected", self.metrics, self.tensorboard]
+        events = sorted(self.path.glob("events.out.tfevents.*"))  # TensorBoard's files, in the run folder itself
+        history = [best, self.checkpoints / "last.pt.rejected", self.metrics, self.path / "tb", *events]
         moved = [p for p in history + [self.path / "config.yaml", self.path / "runtime.yaml"] if p.exists()]
         try:
             aside.mkdir()
@@ -104,12 +105,19 @@ class RunFolder:
         except OSError as e:
             raise UserError(
                 f"{self.path} holds an earlier run but no last.pt or prev.pt to resume from, and moving it aside "
-                f"failed ({e.strerror or e}); move {', '.join(p.name for p in moved)} away yourself to start over"
+                f"failed ({e.strerror or e}); move {_names(moved)} away yourself to start over"
             ) from None
         return [
-            f"{self.path} holds an earlier run ({', '.join(p.name for p in moved)}) but no last.pt or prev.pt to resume "
+            f"{self.path} holds an earlier run ({_names(moved)}) but no last.pt or prev.pt to resume "
             f"from; moved it to {aside} and starting over"
         ]
+
+
+def _names(paths: list[Path]) -> str:
+    """File names for a message, TensorBoard's event files as one item."""
+    names = [p.name for p in paths if not p.name.startswith("events.out.tfevents.")]
+    events = len(paths) - len(names)
+    return ", ".join(names + ([f"{events} TensorBoard event file{'s' if events > 1 else ''}"] if events else []))
 
 
 def holder_line() -> str:
