@@ -68,7 +68,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
 
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     events = [f for f in files if "tfevents" in f]
-    assert len(events) == 2, files  # the scalars, and add_hparams' own file: one writer, rank 0's
+    assert len(events) == 1, files  # scalars and the HParams row in one file: one writer, rank 0's
     assert [f for f in files if "tfevents" not in f] == [
         "checkpoints/best.pt",
         "checkpoints/last.pt",
