@@ -5,10 +5,18 @@ runtime.yaml    what train/runtime.py chose for it on this machine, in this atte
 metrics.jsonl   one line per epoch (train/logger.py)
 tb/             TensorBoard (train/logger.py)
 checkpoints/    last.pt, prev.pt, best.pt (train/checkpoint.py)
+attempts.jsonl  one line per attempt of the run (`Attempt`): job, nodes, how it ended, work redone, time saving
+attempt.json    the attempt running now: where it got to, rewritten every few seconds (`Attempt`)
 """
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -28,3 +36,136 @@ class RunFolder:
         """config.yaml and runtime.yaml, each written atomically."""
         atomic.write_atomic(self.path / "config.yaml", data=config.dump(cfg).encode())
         atomic.write_atomic(self.path / "runtime.yaml", data=yaml.safe_dump(runtime.to_dict(), sort_keys=False).encode())
+
+
+ATTEMPTS, LIVE = "attempts.jsonl", "attempt.json"
+HEARTBEAT_S = 5.0  # how often the running attempt says where it is (a lost attempt's end is known to this)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def read_attempts(folder: Path) -> list[dict]:
+    """The finished attempts of a run folder, oldest first (unreadable lines skipped)."""
+    try:
+        lines = (folder / ATTEMPTS).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def read_live(folder: Path) -> dict | None:
+    """The attempt running now (or killed without a last word): its heartbeat, or None."""
+    try:
+        return json.loads((folder / LIVE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Attempt:
+    """One attempt of a run, recorded by rank 0: a line in attempts.jsonl when it ends, a heartbeat while it runs.
+
+    An attempt that never wrote its end (SIGKILL, out of memory, a lost node) is written by the next
+    one as `lost`, from its last heartbeat. Work redone: the steps between where the previous attempt
+    got to and where this one resumed, at the previous attempt's pace (0 after a stop that saved).
+    """
+
+    def __init__(self, folder: Path, record: dict, step_of: Callable[[], int]):
+        self.folder, self.record, self.step_of = folder, record, step_of
+        self._first: tuple[float, int] | None = None  # (time, step) of the first heartbeat after a step was taken
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="attempt-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def begin(cls, folder: Path, resumed_step: int, where: dict, ranks: int, step_of: Callable[[], int]) -> Attempt:
+        finished = read_attempts(folder)
+        lost = read_live(folder)
+        if lost is not None:
+            end = lost.pop("time", lost.get("start_time", 0.0))
+            lost.update(ended="lost", exit_code=None, end=_iso(end), end_time=end)
+            _append(folder, lost)
+            finished.append(lost)
+        previous = finished[-1] if finished else {}
+        pace = previous.get("pace_s") or 0.0
+        redone = max(0, previous.get("step", resumed_step) - resumed_step) * pace
+        now = time.time()
+        record = dict(attempt=len(finished) + 1, **where, ranks=ranks, start=_iso(now), start_time=now)
+        record.update(resumed_step=resumed_step, step=resumed_step, redone_s=round(redone, 1))
+        return cls(folder, record, step_of)
+
+    def _pace(self, now: float, step: int) -> float | None:
+        """Seconds per step since the first step of this attempt (evaluation and saves included)."""
+        if self._first is None and step > self.record["resumed_step"]:
+            self._first = (now, step)
+        if self._first is None or step <= self._first[1]:
+            return None
+        return (now - self._first[0]) / (step - self._first[1])
+
+    def _sample(self) -> None:
+        now, step = time.time(), self.step_of()
+        self.record.update(step=step, time=now)
+        pace = self._pace(now, step)
+        if pace is not None:
+            self.record["pace_s"] = round(pace, 4)
+
+    def _beat(self) -> None:
+        while True:
+            self._sample()
+            tmp = self.folder / f".{LIVE}.tmp"
+            try:  # not fsync'ed: a heartbeat lost in a power cut costs nothing
+                tmp.write_text(json.dumps(self.record))
+                os.replace(tmp, self.folder / LIVE)
+            except OSError:
+                pass
+            if self._done.wait(HEARTBEAT_S):
+                return
+
+    def end(self, ended: str, code: int, saving_s: float, signals: list[str]) -> dict:
+        """The attempt's line in attempts.jsonl (ended: completed, preempted, timed out, cancelled, stopped, failed)."""
+        self._done.set()
+        self._thread.join()
+        self._sample()
+        now = self.record.pop("time")
+        record = dict(self.record, ended=ended, exit_code=int(code), end=_iso(now), end_time=now, saving_s=round(saving_s, 2))
+        if signals:
+            record["signal"] = signals[0]
+        if "pace_s" not in record and record["step"] > record["resumed_step"]:  # shorter than one heartbeat
+            record["pace_s"] = round((now - record["start_time"]) / (record["step"] - record["resumed_step"]), 4)
+        _append(self.folder, record)
+        (self.folder / LIVE).unlink(missing_ok=True)
+        return record
+
+
+def _append(folder: Path, record: dict) -> None:
+    with open(folder / ATTEMPTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def goodput(attempts: list[dict]) -> str:
+    """`3 attempts (2 preempted, 1 completed), 41 s of work redone and 6.0 s saving in 812 s of training`.
+
+    The time of an attempt runs from the trainer's start (after the process group and the data) to its end.
+    """
+    counts = Counter(a.get("ended", "?") for a in attempts)
+    how = ", ".join(f"{n} {ended}" for ended, n in counts.items())
+    total = sum(_seconds(a) for a in attempts)
+    redone = sum(a.get("redone_s") or 0 for a in attempts)
+    saving = sum(a.get("saving_s") or 0 for a in attempts)
+    n = f"{len(attempts)} attempt{'' if len(attempts) == 1 else 's'}"
+    return f"{n} ({how}), {redone:.0f} s of work redone and {saving:.1f} s saving in {total:.0f} s of training"
+
+
+def _seconds(attempt: dict) -> float:
+    start = attempt.get("start_time")
+    end = attempt.get("end_time") or attempt.get("time")  # a running attempt: its last heartbeat
+    return max(0.0, end - start) if start and end else 0.0
