@@ -36,25 +36,30 @@ def preemption_signal() -> signal.Signals:
 
 
 def finish(code: int, stop: StopFlag) -> int:
-    """End a job task the way the module docstring says; returns the job's result where the task goes on."""
+    """End a job task the way the module docstring says; returns the job's result where the task goes on.
+
+    Under SLURM a stopped task that is not the one to report leaves with sys.exit(0): no result file
+    and no "Job completed successfully" from submitit; the requeued job writes the real result.
+    """
+    slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
     preempt = preemption_signal()
-    if code == Exit.STOPPED and preempt in stop.received:
-        handler = signal.getsignal(preempt)
-        if callable(handler):
-            try:
-                # submitit's own handler: on global rank 0 it calls checkpoint(), requeues and exits;
-                # on the other ranks it logs and returns (SLURM ends them with the job step).
-                handler(preempt, None)
-            except RuntimeError as e:  # submitit's "not requeued" (the --requeues are used up): one line
-                print(f"{e} Rerun the same command to continue from last.pt", file=sys.stderr, flush=True)
-                sys.exit(code)
-            return code
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or code == Exit.OK:
+    if code == Exit.STOPPED and preempt in stop.received and callable(handler := signal.getsignal(preempt)):
+        try:
+            # submitit's own handler: on global rank 0 it calls checkpoint(), requeues and exits;
+            # on the other ranks it logs and returns (SLURM ends them with the job step).
+            handler(preempt, None)
+        except RuntimeError as e:  # submitit's "not requeued" (the --requeues are used up): one line
+            print(f"{e} Rerun the same command to continue from last.pt", file=sys.stderr, flush=True)
+            sys.exit(code)
+        if slurm:
+            sys.exit(0)
+        return code
+    if not slurm or code == Exit.OK:
         return code
     if code == Exit.STOPPED and (
-        submitit.JobEnvironment().global_rank != 0 or preemption.how_stopped(stop.received) == "preempted"
+        submitit.JobEnvironment().global_rank != 0 or (stop.ended or preemption.how_stopped(stop.received)) == "preempted"
     ):
-        return code  # rank 0 exits 75 for the job when SLURM ends it; when SLURM requeues it, nobody need
+        sys.exit(0)  # rank 0 exits 75 for a job SLURM ends; one SLURM requeues needs no code at all
     sys.exit(code)
 
 

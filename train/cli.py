@@ -119,6 +119,7 @@ class StopFlag:
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, the wake-up fd before ours)
         self._stepping = False
+        self.ended: str | None = None  # how rank 0 recorded the attempt (train/main.py): its job need not ask SLURM again
         self.listen(names)
 
     def listen(self, names: Iterable[str]) -> None:
