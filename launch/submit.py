@@ -300,8 +300,9 @@ def outcome(args, submitted, jobs) -> int:
             print(result.line(job.job_id), flush=True)
             codes.append(result.exit_code)
     except KeyboardInterrupt:
-        ids = " ".join(j.job_id for j in submitted)
-        print(f"stopped following; the job goes on{f' (scancel {ids} stops it)' if args.cluster == 'slurm' else ''}", flush=True)
+        if args.cluster != "slurm":
+            raise  # Ctrl-C reached the local job too: it stops, and the command says "interrupted"
+        print(f"stopped following; the job goes on (scancel {' '.join(j.job_id for j in submitted)} stops it)", flush=True)
         return cli.Exit.INTERRUPTED
     return next((code for code in codes if code != cli.Exit.OK), cli.Exit.OK)
 
