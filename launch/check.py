@@ -326,7 +326,8 @@ def requeue_verdict(report: dict, outcome: watch.Outcome) -> tuple[str, str, str
 
 def files_verdict(files: list[dict], network: list[dict]) -> tuple[str, str, str]:
     hosts = [n["host"] for n in network]
-    unread = sorted(set(files[0]["unread"]) | {r for r, f in enumerate(files) if f["unread"]})
+    # rank 0 lists the ranks whose files it cannot read; any other rank lists rank 0 when it cannot read rank 0's
+    unread = sorted(set(files[0]["unread"]) | {r for r, f in enumerate(files) if r and f["unread"]})
     if unread:
         who = ", ".join(f"rank {r} ({hosts[r]})" for r in unread)
         return (

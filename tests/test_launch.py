@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -212,6 +213,46 @@ def test_an_unreachable_controller_is_one_line(tmp_path):
     assert line.startswith("error: could not submit the job: sbatch: error: ") and line.endswith(
         "(is SLURM reachable from here? try sinfo)"
     )
+
+
+def test_the_check_verdict_fails_what_a_cluster_gets_wrong():
+    """The preflight's table for what the dev cluster cannot stage: a rank that never saw the signal, an unshared run
+    folder, loopback across nodes, a job that did not come back; a save longer than KillWait warns, longer than the
+    signal delay fails; ranks that stopped at different steps fail."""
+    from launch.check import verdict
+    from launch.watch import Outcome
+
+    network = [
+        {"host": h, "interface": i, "address": a, "spans_nodes": True}
+        for h, i, a in (("n1", "eth0", "10.0.0.1"), ("n2", "lo", "127.0.0.1"))
+    ]
+    report = {
+        "nodes": "n[1-2]",
+        "kill_wait_s": 30.0,
+        "save": {"seconds": 40.0, "bytes": 1074432739, "model": "vgg16"},
+        "drill": [{"step": 6, "signals": ["SIGUSR2"]}, {"step": 6, "signals": []}],
+        "files": [{"unread": [1], "fs": "ext4"}, {"unread": [0], "fs": "ext4"}],
+        "network": network,
+    }
+    args = argparse.Namespace(signal_delay=120, torchrun=False)
+    rows = {check: (result, detail) for check, result, detail in verdict(report, Outcome("FAILED", 1), args, "USR2")}
+    assert {check: result for check, (result, _) in rows.items()} == {
+        "save": "warn",
+        "signal (srun)": "FAIL",
+        "requeue": "FAIL",
+        "shared run folder": "FAIL",
+        "network": "FAIL",
+    }
+    assert rows["save"][1].endswith("more than SLURM's KillWait 30 s, so a SIGTERM (preemption) kills it midway")
+    assert rows["signal (srun)"][1] == "ranks 1 of 2 never saw SIGUSR2 (they stopped with the others)"
+    assert rows["shared run folder"][1].startswith("rank 1 (n2) and rank 0 cannot read each other's files")
+    report.update(
+        save={"seconds": 200.0, "bytes": 1, "model": "vgg16"},
+        drill=[{"step": 6, "signals": ["SIGUSR2"]}, {"step": 7, "signals": ["SIGUSR2"]}],
+    )
+    rows = {check: (result, detail) for check, result, detail in verdict(report, Outcome("FAILED", 1), args, "USR2")}
+    assert rows["save"][0] == "FAIL" and "give --signal-delay 460 or more" in rows["save"][1]
+    assert rows["signal (srun)"] == ("FAIL", "the ranks stopped at different steps: [6, 7]")
 
 
 def test_slurm_without_sbatch_is_one_line(tmp_path):
