@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +48,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def measure_save(cfg: config.Config, folder: Path, device) -> dict:
     """Save this model's checkpoint (weights and optimizer state, as the trainer's) once; how long and how big."""
-    import dataclasses
-
     import torch
 
     from train import checkpoint, models, optimizer
@@ -58,8 +58,8 @@ def measure_save(cfg: config.Config, folder: Path, device) -> dict:
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()  # momentum buffers: a checkpoint holds them as well
-    start = time.perf_counter()
     (folder / "ckpt").mkdir(exist_ok=True)
+    start = time.perf_counter()
     path = checkpoint.save(folder / "ckpt", {"model": model.state_dict(), "optimizer": opt.state_dict()}, is_best=False)
     seconds = time.perf_counter() - start
     size = path.stat().st_size
@@ -69,11 +69,12 @@ def measure_save(cfg: config.Config, folder: Path, device) -> dict:
 
 def filesystem(path: Path) -> str:
     """The type of the filesystem holding `path` (nfs, lustre, ext4, ...), from /proc/mounts."""
-    best, kind = "", "?"
+    best, kind, where = "", "?", str(path.resolve())
     try:
         for line in open("/proc/mounts"):
             _, mount, fstype, *_ = line.split()
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+            inside = mount == "/" or where == mount or where.startswith(mount + "/")
+            if inside and len(mount) > len(best):
                 best, kind = mount, fstype
     except OSError:
         pass
@@ -105,17 +106,16 @@ def shared_folder(dist, folder: Path) -> dict:
 
 def signal_drill(dist, stop: StopFlag, send: list[str], timeout_s: float = 60.0) -> dict:
     """Step like the trainer while rank 0 signals the job; where each rank stopped and what it received."""
-    step, deadline = 0, time.monotonic() + timeout_s
+    step, deadline, said = 0, time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         step += 1
         if dist.is_main and step == 5:
-            subprocess.run(send, capture_output=True, timeout=30)
+            proc = subprocess.run(send, capture_output=True, text=True, timeout=30)
+            said = proc.stderr.strip() if proc.returncode else None  # scancel refused: the verdict says why
         if dist.any(stop.requested):  # all ranks leave at the same step, as the trainer's loop does
             break
         time.sleep(0.05)
-    import signal
-
-    return {"step": step, "signals": sorted({signal.Signals(s).name for s in stop.received})}
+    return {"step": step, "signals": sorted({signal.Signals(s).name for s in stop.received}), "scancel": said}
 
 
 def first_attempt(cfg: config.Config, folder: Path, send: list[str], stop: StopFlag) -> dict | None:
@@ -305,7 +305,8 @@ def drill_verdict(drill: list[dict], expected: set[str], via: str, sig: str) -> 
     steps = sorted({d["step"] for d in drill})
     want = " or ".join(sorted(expected))
     if len(blind) == len(drill):
-        return name, "FAIL", f"SIG{sig} sent to the job; no rank saw {want} within a minute"
+        refused = f" (scancel: {drill[0]['scancel']})" if drill[0].get("scancel") else ""
+        return name, "FAIL", f"SIG{sig} sent to the job{refused}; no rank saw {want} within a minute"
     if blind:
         return name, "FAIL", f"ranks {', '.join(map(str, blind))} of {len(drill)} never saw {want} (they stopped with the others)"
     if len(steps) > 1:
