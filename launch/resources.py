@@ -71,7 +71,7 @@ def sbatch_extra(specs: list[str]) -> dict[str, str | bool]:
     for spec in specs:
         key, sep, value = spec.partition("=")
         key = key.strip().removeprefix("--")
-        if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (sep and not value):
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (sep and not value) or any(c < " " for c in value):
             raise UserError(f"--sbatch {spec!r} is not KEY=VALUE with an sbatch option name, e.g. --sbatch mail-type=END")
         if key in MODELLED:
             raise UserError(f"--sbatch {key}: the launcher sets this itself; use {MODELLED[key]}")
@@ -103,6 +103,10 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.requeues < 0:
         raise UserError(f"--requeues {args.requeues}: give 0 (never requeue) or more")
+    for option in ("partition", "account", "qos", "constraint", "job_name"):
+        value = getattr(args, option)
+        if value is not None and (not value or any(c < " " for c in value)):
+            raise UserError(f"--{option.replace('_', '-')} {value!r}: give a name without line breaks or control characters")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UserError(f"--max-parallel {args.max_parallel}: give how many array elements may run at once, 1 or more")
     sbatch_extra(args.sbatch)

@@ -26,21 +26,26 @@ def run_folders(root: Path) -> list[Path]:
 def state(folder: Path, attempts: list[dict]) -> str:
     live = runfolder.read_live(folder)
     if live is not None:
-        age = time.time() - live.get("time", 0)
+        age = time.time() - runfolder.number(live.get("time"))
         # a heartbeat older than a few periods: the attempt died without a word (SIGKILL, a lost node)
         return "running" if age < 4 * runfolder.HEARTBEAT_S else f"lost ({age:.0f} s without a heartbeat)"
-    return attempts[-1]["ended"] if attempts else "not started"
+    return str(attempts[-1].get("ended", "?")) if attempts else "not started"
 
 
 def epochs(folder: Path) -> tuple[str, str]:
     """(`done/asked` epochs, best test accuracy) from metrics.jsonl and config.yaml."""
     done, best = 0, None
     try:
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
             m = json.loads(line)
-            done, best = m.get("epoch", done), max(best or 0.0, m.get("test_acc", 0.0))
-    except (OSError, ValueError):
-        pass
+        except ValueError:
+            continue
+        if isinstance(m, dict):
+            done, best = int(runfolder.number(m.get("epoch"))), max(best or 0.0, runfolder.number(m.get("test_acc")))
     try:
         asked = yaml.safe_load((folder / "config.yaml").read_text())["train"]["epochs"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):

@@ -55,18 +55,21 @@ def read_attempts(folder: Path) -> list[dict]:
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):  # a hand-edited or damaged line is skipped, never trusted
+            out.append(record)
     return out
 
 
 def read_live(folder: Path) -> dict | None:
     """The attempt running now (or killed without a last word): its heartbeat, or None."""
     try:
-        return json.loads((folder / LIVE).read_text())
+        record = json.loads((folder / LIVE).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 class Attempt:
@@ -89,13 +92,12 @@ class Attempt:
         finished = read_attempts(folder)
         lost = read_live(folder)
         if lost is not None:
-            end = lost.pop("time", lost.get("start_time", 0.0))
+            end = number(lost.pop("time", lost.get("start_time")))
             lost.update(ended="lost", exit_code=None, end=_iso(end), end_time=end)
             _append(folder, lost)
             finished.append(lost)
         previous = finished[-1] if finished else {}
-        pace = previous.get("pace_s") or 0.0
-        redone = max(0, previous.get("step", resumed_step) - resumed_step) * pace
+        redone = max(0.0, number(previous.get("step", resumed_step)) - resumed_step) * number(previous.get("pace_s"))
         now = time.time()
         record = dict(attempt=len(finished) + 1, **where, ranks=ranks, start=_iso(now), start_time=now)
         record.update(resumed_step=resumed_step, step=resumed_step, redone_s=round(redone, 1))
@@ -156,16 +158,21 @@ def goodput(attempts: list[dict]) -> str:
 
     The time of an attempt runs from the trainer's start (after the process group and the data) to its end.
     """
-    counts = Counter(a.get("ended", "?") for a in attempts)
+    counts = Counter(str(a.get("ended", "?")) for a in attempts)
     how = ", ".join(f"{n} {ended}" for ended, n in counts.items())
     total = sum(_seconds(a) for a in attempts)
-    redone = sum(a.get("redone_s") or 0 for a in attempts)
-    saving = sum(a.get("saving_s") or 0 for a in attempts)
+    redone = sum(number(a.get("redone_s")) for a in attempts)
+    saving = sum(number(a.get("saving_s")) for a in attempts)
     n = f"{len(attempts)} attempt{'' if len(attempts) == 1 else 's'}"
     return f"{n} ({how}), {redone:.0f} s of work redone and {saving:.1f} s saving in {total:.0f} s of training"
 
 
 def _seconds(attempt: dict) -> float:
-    start = attempt.get("start_time")
-    end = attempt.get("end_time") or attempt.get("time")  # a running attempt: its last heartbeat
+    start = number(attempt.get("start_time"))
+    end = number(attempt.get("end_time") or attempt.get("time"))  # a running attempt: its last heartbeat
     return max(0.0, end - start) if start and end else 0.0
+
+
+def number(value) -> float:
+    """A number from a record, 0 for anything else (the file is the user's: it may have been edited)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
