@@ -80,6 +80,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     events = [f for f in files if "tfevents" in f]
     assert len(events) == 2, files  # the scalars, and add_hparams' own file: one writer, rank 0's
     assert [f for f in files if "tfevents" not in f] == [
+        "attempts.jsonl",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
         "config.yaml",
