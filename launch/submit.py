@@ -3,25 +3,32 @@
     python launch/submit.py [--config FILE] [key=value ...] [--cluster slurm|local|debug] [resources]
     python launch/submit.py --config configs/cifar10_cnn.yaml --nodes 2 --gpus-per-node 4 --time 240 --follow
     python launch/submit.py --config configs/smoke.yaml --sweep optim.lr=0.01,0.02   # one job array
+    python launch/submit.py --check --nodes 2 --gpus-per-node 4 --partition gpu      # preflight the signal chain
+    python launch/submit.py --status runs/                                          # the runs below a folder
 
 The same config and overrides as `train/main.py`. The job runs `train.main.main` in every task
 (one task per GPU, no torchrun inside); a preempted or timed-out job saves at a step boundary,
-requeues itself and resumes from `<run>/checkpoints/last.pt`. submitit's files and the job logs
-go to `<run>/submitit/`, beside TensorBoard and the checkpoints.
+requeues itself and resumes from `<run>/checkpoints/last.pt`. submitit's files and the job's logs
+go to `<run>/submitit/`, beside TensorBoard and the checkpoints; a sweep element's logs to its own
+run folder. Every resource is checked before anything is submitted (launch/resources.py). The exit
+code is the job's outcome (launch/watch.py): with `--follow`, and always for local and debug jobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
 import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from launch import resources, watch
 from train import cli, config
 from train.cli import UserError
 
@@ -39,18 +46,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU")
     r.add_argument("--tasks-per-node", type=int, help="tasks (ranks) per node; default: --gpus-per-node, or 1 on CPUs")
     r.add_argument("--cpus-per-task", type=int)
-    r.add_argument("--mem", type=float, metavar="GB", help="memory per node in GB")
+    r.add_argument("--mem", metavar="SIZE", help="memory per node with a unit: 16G, 500M (at least 1G)")
     r.add_argument("--partition")
     r.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit in minutes (default 60)")
     r.add_argument("--account")
     r.add_argument("--qos")
     r.add_argument("--constraint")
     r.add_argument("--job-name", help="default: the run folder's name")
-    r.add_argument(
-        "--signal", default=None, metavar="SIG", help="preemption signal sent before the time limit (default USR2, submitit's)"
-    )
+    r.add_argument("--signal", metavar="SIG", help="preemption signal sent before the time limit (default USR2, submitit's)")
     r.add_argument("--signal-delay", type=int, default=120, metavar="S", help="send it S seconds before the time limit")
     r.add_argument("--requeues", type=int, default=3, help="how many times a timed-out job may requeue itself")
+    r.add_argument(
+        "--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option (repeatable): mail-type=END"
+    )
+    r.add_argument("--max-parallel", type=int, metavar="N", help="array elements of a --sweep that may run at once")
     p.add_argument(
         "--sweep",
         action="append",
@@ -59,7 +68,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="submit one job array over these values (repeat for a grid)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the batch script and the resolved config; submit nothing")
-    p.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
+    p.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit with its outcome")
+    p.add_argument("--status", metavar="DIR", type=Path, help="print a table of the runs below DIR (a run or a sweep) and exit")
+    p.add_argument("--check", action="store_true", help="preflight: a short job that checks saving, signals, requeue and files")
+    p.add_argument("--torchrun", action="store_true", help="with --check: check slurm/torchrun.sbatch's signal chain instead")
     return p.parse_args(argv)
 
 
@@ -100,34 +112,38 @@ def resolve(args: argparse.Namespace) -> list[tuple[config.Config, list[str]]]:
     return jobs
 
 
-def slurm_parameters(args: argparse.Namespace, name: str) -> dict:
-    """sbatch parameters in submitit's SlurmExecutor names."""
-    tasks = args.tasks_per_node or max(1, args.gpus_per_node)
-    params = {
-        "job_name": args.job_name or name,
-        "time": args.time,
-        "nodes": args.nodes,
-        "ntasks_per_node": tasks,
-        "signal_delay_s": args.signal_delay,
-        "srun_args": ["--kill-on-bad-exit=1"],  # one failed rank ends the job instead of leaving the others blocked
-        "additional_parameters": {"requeue": True},
-    }
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
-    if args.mem:
-        params["mem"] = f"{int(args.mem)}GB" if args.mem == int(args.mem) else f"{int(args.mem * 1024)}MB"
-    for key in ("cpus_per_task", "partition", "account", "qos", "constraint"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
+def array_logs(params: dict, folder: Path) -> dict:
+    """Each array element's logs in its own run folder: `folder/elements/<index>` links to `<run>/submitit`.
+
+    SLURM can only name a log by the array index (%a); the link turns the index into the run folder.
+    """
+    elements = folder / "elements"
+    logs = {"output": f"{elements}/%a/%A_%a_0_log.out", "error": f"{elements}/%a/%A_%a_0_log.err"}
+    params = dict(params, additional_parameters={**params["additional_parameters"], **logs})
+    srun_logs = ["--output", f"{elements}/%a/%A_%a_%t_log.out", "--error", f"{elements}/%a/%A_%a_%t_log.err"]
+    params["srun_args"] = [*params["srun_args"], *srun_logs]  # srun takes the last --output
     return params
 
 
-def make_executor(args: argparse.Namespace, folder: Path, name: str):
+def link_elements(folder: Path, jobs: list[tuple[config.Config, list[str]]]) -> None:
+    elements = folder / "elements"
+    elements.mkdir(parents=True, exist_ok=True)
+    for index, (cfg, _) in enumerate(jobs):
+        logs = Path(cfg.log.run_dir) / "submitit"
+        logs.mkdir(parents=True, exist_ok=True)
+        link = elements / str(index)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(logs)
+
+
+def make_executor(args: argparse.Namespace, folder: Path, name: str, array: bool):
     import submitit
 
     if args.cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.requeues)
-        executor.update_parameters(**slurm_parameters(args, name))
+        params = resources.slurm_parameters(args, name)
+        executor.update_parameters(**(array_logs(params, folder) if array else params))
     elif args.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.requeues)
         executor.update_parameters(
@@ -141,7 +157,7 @@ def make_executor(args: argparse.Namespace, folder: Path, name: str):
     return executor
 
 
-def batch_script(args: argparse.Namespace, folder: Path, name: str) -> str:
+def batch_script(args: argparse.Namespace, folder: Path, name: str, array: int = 0) -> str:
     """The sbatch file submitit would write, without needing SLURM on this machine.
 
     submitit has no public way to render it: `_make_sbatch_string` and the `submitit.core._submit`
@@ -150,71 +166,56 @@ def batch_script(args: argparse.Namespace, folder: Path, name: str) -> str:
     # imported after main() set SUBMITIT_PREEMPT_SIGNAL: submitit reads it once, at import
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = slurm_parameters(args, name)
-    if len(sweep_points(args.sweep)) > 1:
-        params["map_count"] = len(sweep_points(args.sweep))
+    params = resources.slurm_parameters(args, name)
+    if array:
+        params = dict(array_logs(params, folder), map_count=array)
     command = " ".join([sys.executable, "-u -m submitit.core._submit", str(folder)])
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-# ---------------------------------------------------------------------------- following a job
-
-
-def follow(job, poll_s: float = 2.0) -> str:
-    """Print the job's stdout and stderr (task 0) as they grow, until the job ends; return its state."""
-    offsets: dict[Path, int] = {}
-
-    def drain():
-        for path, stream in ((job.paths.stdout, sys.stdout), (job.paths.stderr, sys.stderr)):
-            if path.exists():
-                with open(path, errors="replace") as f:
-                    f.seek(offsets.get(path, 0))
-                    text = f.read()
-                    offsets[path] = f.tell()
-                if text:
-                    stream.write(text)
-                    stream.flush()
-
-    while not job.done(force_check=True):
-        drain()
-        time.sleep(poll_s)
-    drain()
-    # done() sees the result files; SLURM's accounting can take a few seconds to say so too
-    deadline = time.monotonic() + 60
-    while job.state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING", "UNKNOWN") and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        job.watcher.update()
-    return job.state
+# ---------------------------------------------------------------------------- the command
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.signal:
-        # submitit reads its preemption signal from the environment when it is imported; the
-        # job inherits the variable, so both sides agree
-        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = args.signal.upper().removeprefix("SIG")
 
     def body() -> int:
+        if args.status is not None:
+            from launch import status
+
+            return status.main(args.status)
+        resources.check(args)
+        if args.signal:
+            # submitit reads its preemption signal from the environment when it is imported; the
+            # job inherits the variable, so both sides agree
+            os.environ["SUBMITIT_PREEMPT_SIGNAL"] = resources.signal_name(args.signal)
         if args.cluster is None:
             args.cluster = "slurm" if shutil.which("sbatch") else "local"
+        if args.torchrun and not args.check:
+            raise UserError(
+                "--torchrun goes with --check (the launcher starts one task per GPU; for torchrun use slurm/torchrun.sbatch)"
+            )
         if args.cluster == "slurm" and not args.dry_run and not shutil.which("sbatch"):
             raise UserError("--cluster slurm but sbatch is not on PATH; run on the cluster's login node, or use --cluster local")
         if args.print_config:
             args.dry_run = True
         jobs = resolve(args)
         root = Path(jobs[0][0].log.run_dir) if len(jobs) == 1 else Path(jobs[0][0].log.run_dir).parent
-        folder = root / "submitit"
         name = args.job_name or root.name
+        if args.check:
+            from launch import check
+
+            return check.main(args, jobs, name)
         if args.dry_run:
-            return dry_run(args, jobs, folder, name)
-        return submit(args, jobs, root, folder, name)
+            return dry_run(args, jobs, root / "submitit", name)
+        return submit(args, jobs, root, name)
 
     return cli.guarded(body)
 
 
 def dry_run(args, jobs, folder: Path, name: str) -> int:
     if args.cluster == "slurm":
-        print(batch_script(args, folder, name), end="")
+        print(batch_script(args, folder, name, array=len(jobs) if len(jobs) > 1 else 0), end="")
     else:
         tasks = args.tasks_per_node or max(1, args.gpus_per_node)
         print(f"# --cluster {args.cluster}: {len(jobs)} job(s) of {tasks} task(s) on this machine")
@@ -224,16 +225,21 @@ def dry_run(args, jobs, folder: Path, name: str) -> int:
     return cli.Exit.OK
 
 
-def submit(args, jobs, root: Path, folder: Path, name: str) -> int:
+def write_job_configs(jobs) -> list[Path]:
+    """Each job's resolved config in its run folder's submitit/: the job reads it (a preemption resumes the same config)."""
+    paths = []
+    for cfg, _ in jobs:
+        path = Path(cfg.log.run_dir) / "submitit" / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def submit_all(args, jobs, root: Path, name: str) -> list:
+    """The submitit jobs: one SLURM array for a sweep; locally one job per run folder (each its own logs)."""
     from launch.job import TrainJob
 
-    folder.mkdir(parents=True, exist_ok=True)
-    calls = []
-    for cfg, _ in jobs:
-        job_config = Path(cfg.log.run_dir) / "submitit" / "config.yaml" if len(jobs) > 1 else folder / "config.yaml"
-        job_config.parent.mkdir(parents=True, exist_ok=True)
-        job_config.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
-        calls.append(TrainJob(["--config", str(job_config)]))
     if args.cluster == "local" and args.gpus_per_node:
         import torch  # only here: the launcher's other paths need no torch
 
@@ -244,28 +250,78 @@ def submit(args, jobs, root: Path, folder: Path, name: str) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    executor = make_executor(args, folder, name)
-    submitted = executor.submit_array(calls) if len(calls) > 1 else [executor.submit(calls[0])]
+    calls = [TrainJob(["--config", str(path)]) for path in write_job_configs(jobs)]
+    try:
+        # submitit prints sbatch's stderr before raising it: the one line below says it once
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _submit_all(args, jobs, root, name, calls)
+    except UserError:
+        raise
+    except Exception as e:  # submitit reports sbatch's failure with its whole output
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        said = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else type(e).__name__)
+        raise UserError(f"could not submit the job: {said[:300]} (is SLURM reachable from here? try sinfo)") from None
+
+
+def _submit_all(args, jobs, root: Path, name: str, calls: list) -> list:
+    if args.cluster == "slurm" and len(calls) > 1:
+        folder = root / "submitit"
+        link_elements(folder, jobs)
+        submitted = make_executor(args, folder, name, array=True).submit_array(calls)
+        name_elements(submitted, jobs, name)
+        return submitted
+    folders = [Path(cfg.log.run_dir) / "submitit" for cfg, _ in jobs]
+    return [make_executor(args, folder, name, array=False).submit(call) for folder, call in zip(folders, calls)]
+
+
+def name_elements(submitted, jobs, name: str) -> None:
+    """Each array element named for its point (`sweep:optim.lr=0.01`), so that squeue and sacct tell them apart."""
+    for job, (cfg, _) in zip(submitted, jobs):
+        element = f"{name}:{Path(cfg.log.run_dir).name}"
+        proc = subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"JobName={element}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"warning: could not name job {job.job_id} {element!r}: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def log_paths(job, cfg: config.Config) -> tuple[Path, Path]:
+    """Task 0's stdout and stderr of a submitted job: in its run folder's submitit/."""
+    folder = Path(cfg.log.run_dir) / "submitit"
+    return folder / f"{job.job_id}_0_log.out", folder / f"{job.job_id}_0_log.err"
+
+
+def submit(args, jobs, root: Path, name: str) -> int:
+    submitted = submit_all(args, jobs, root, name)
     where = {"slurm": "SLURM", "local": "this machine", "debug": "this process"}[args.cluster]
-    ids = ", ".join(j.job_id for j in submitted)
-    print(f"submitted job {ids} to {where}", flush=True)
+    print(f"submitted job {', '.join(j.job_id for j in submitted)} to {where}", flush=True)
     for job, (cfg, point) in zip(submitted, jobs):
         label = f" ({' '.join(point)})" if point else ""
         print(f"  run folder{label}: {cfg.log.run_dir}", flush=True)
-        print(f"  log: {job.paths.stdout}", flush=True)
+        if args.cluster != "debug":
+            print(f"  log: {log_paths(job, cfg)[0]}", flush=True)
     print(f"  tensorboard --logdir {root}", flush=True)
-    if args.cluster == "debug":
-        try:
-            submitted[0].result()
-        except Exception as e:  # the trainer already printed its one-line error
-            print(f"job failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
-            return 1
-        return 0
-    if args.follow or args.cluster == "local":
-        states = [follow(job) for job in submitted]
-        print(f"job {ids} ended: {', '.join(states)}", flush=True)
-        return 0 if all(s in ("COMPLETED", "FINISHED", "DONE") for s in states) else 1
-    return 0
+    if args.cluster == "slurm" and not args.follow:
+        return cli.Exit.OK  # submitted; `--follow` waits for the outcome, `--status` shows it
+    return outcome(args, submitted, jobs)
+
+
+def outcome(args, submitted, jobs) -> int:
+    """Follow every job to its end; the launcher's exit code is the first failing job's (0 when all completed)."""
+    codes = []
+    try:
+        for job, (cfg, _) in zip(submitted, jobs):
+            tail = watch.LogTail(*log_paths(job, cfg)) if args.cluster != "debug" else None
+            if args.cluster == "slurm":
+                result = watch.follow_slurm(job.job_id, tail)
+            else:
+                result = watch.follow_local(job, tail)
+            print(result.line(job.job_id), flush=True)
+            codes.append(result.exit_code)
+    except KeyboardInterrupt:
+        if args.cluster != "slurm":
+            raise  # Ctrl-C reached the local job too: it stops, and the command says "interrupted"
+        print(f"stopped following; the job goes on (scancel {' '.join(j.job_id for j in submitted)} stops it)", flush=True)
+        return cli.Exit.INTERRUPTED
+    return next((code for code in codes if code != cli.Exit.OK), cli.Exit.OK)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,8 +31,16 @@ def test_one_rank_equals_two(tmp_path):
     """Same global batch, augmentation off: 1 process and 2 ranks reach the same weights and counts."""
     args = ["--config", SMOKE, "data.augment=[]"]
     ok(train(*args, f"log.run_dir={tmp_path / 'one'}", cwd=tmp_path))
-    proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'two'}", cwd=tmp_path))
+    # torchrun kills its workers this long after forwarding SIGTERM: 0 s, so every save outlasts it
+    env = env_for_tests(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="0")
+    proc = ok(torchrun(2, *args, f"log.run_dir={tmp_path / 'two'}", cwd=tmp_path, env=env))
     assert "on 2 x cpu" in proc.stdout
+    assert re.search(
+        r"^warning: saving a checkpoint took \d+\.\d s, longer than a stop signal leaves \(torchrun kills its workers 0 s after "
+        r"forwarding SIGTERM\): a preemption would be killed while saving",
+        proc.stdout,
+        re.M,
+    ), proc.stdout
     assert_same_weights(tmp_path / "one" / "checkpoints" / "last.pt", tmp_path / "two" / "checkpoints" / "last.pt", exact=False)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["test_count"] for m in one] == [m["test_count"] for m in two] == [256, 256]
@@ -70,6 +80,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     events = [f for f in files if "tfevents" in f]
     assert len(events) == 1, files  # scalars and the HParams row in one file: one writer, rank 0's
     assert [f for f in files if "tfevents" not in f] == [
+        "attempts.jsonl",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
         "config.yaml",
@@ -222,6 +233,10 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
     assert_same_weights(
         tmp_path / "straight" / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True
     )
+    stopped, finished = [json.loads(line) for line in (tmp_path / "run" / "attempts.jsonl").read_text().splitlines()]
+    assert (stopped["ended"], stopped["signal"], stopped["step"], stopped["exit_code"]) == ("stopped", "SIGTERM", step, 75)
+    assert (finished["ended"], finished["resumed_step"], finished["step"], finished["redone_s"]) == ("completed", step, 32, 0)
+    assert "goodput: 2 attempts (1 stopped, 1 completed), 0 s of work redone and " in proc.stdout
     for a, b in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "run"), strict=True):
         assert (a["epoch"], a["step"], a["test_acc"], a["test_loss"]) == (b["epoch"], b["step"], b["test_acc"], b["test_loss"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)  # float64 partial sums, added in another order
@@ -229,7 +244,8 @@ def test_sigterm_saves_the_step_and_a_rerun_matches(tmp_path):
 
 @pytest.mark.parametrize("background", ["never", "always"])
 def test_single_process_sigterm_exits_75(tmp_path, background):
-    """The stop signal's checkpoint is on disk before the process says so, also from the background writer."""
+    """The stop signal's checkpoint is on disk before the process says so, also from the background writer.
+    SLURM signals every process of a job: sent to the process group, the DataLoader workers ignore it."""
     args = [
         "--config",
         SMOKE,
@@ -237,6 +253,7 @@ def test_single_process_sigterm_exits_75(tmp_path, background):
         "log.every_steps=2",
         f"log.run_dir={tmp_path / 'run'}",
         f"train.save_in_background={background}",
+        "data.workers=1",
     ]
     proc = subprocess.Popen(
         [sys.executable, str(MAIN), *map(str, args)],
@@ -245,12 +262,78 @@ def test_single_process_sigterm_exits_75(tmp_path, background):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     for line in proc.stdout:
         if line.startswith("epoch 1 step 6/"):
-            proc.send_signal(signal.SIGUSR1)
+            workers = [p for p in children(proc.pid) if "python" in open(f"/proc/{p}/cmdline").read()]
+            ignored = [int(re.search(r"^SigIgn:\s+(\S+)", open(f"/proc/{p}/status").read(), re.M).group(1), 16) for p in workers]
+            os.killpg(proc.pid, signal.SIGUSR1)
             break
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
-    assert "Rerun the same command to continue" in out
+    assert "Rerun the same command to continue" in out and "SIGUSR1 on 1 of 1 ranks" in out
     assert load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step_in_epoch"] >= 6
+    stop_bits = sum(1 << (s - 1) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+    assert workers and all(mask & stop_bits == stop_bits for mask in ignored), (workers, ignored)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == pid]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_sigterm_while_waiting_in_the_rendezvous_exits_at_once(tmp_path):
+    """Rank 0 of 2 waits for a rank 1 that never comes (as when rank 1 failed on a missing GPU): a stop signal there
+    ends it at once with one line, not after dist.timeout_s or torchrun's SIGKILL."""
+    port = free_port()
+    env = env_for_tests(
+        RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    args = ["--config", SMOKE, "dist.timeout_s=600", f"log.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # rank 0 serves the rendezvous store: it is waiting there once the port answers
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    time.sleep(1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 60  # at once; without the fix it waits dist.timeout_s (600 s) for rank 1
+    assert proc.returncode == 75, err
+    assert err == "stopped by SIGTERM before training started; nothing to save. Rerun the same command to continue\n", err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stop_during_the_last_evaluation_finishes_the_run(tmp_path):
+    """Nothing is left to continue after the last epoch's evaluation: the run finishes (exit 0), it does not ask for a rerun."""
+    args = ["--config", SMOKE, "train.epochs=1", "data.synthetic_train=256", "data.synthetic_test=8000", "log.every_steps=1"]
+    cmd = [sys.executable, str(MAIN), *map(str, args), f"log.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1 step 4/4"):  # the last step; the loop's stop check follows at once, then 8000 test images
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert "done: test_acc" in out and "Rerun" not in out
+    [attempt] = [json.loads(line) for line in (tmp_path / "run" / "attempts.jsonl").read_text().splitlines()]
+    assert (attempt["ended"], attempt.get("signal")) == ("completed", "SIGTERM")  # the signal did land while it ran

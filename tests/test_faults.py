@@ -108,6 +108,11 @@ def kill_and_rerun(where: str, reference: Path, tmp_path: Path, *extra: str) -> 
         f"resumed from {ckpts / 'last.pt'} at epoch {(saved_step - 1) // 16 + 1} step {(saved_step - 1) % 16 + 1}/16 "
         in proc.stdout
     )
+    # the killed attempt never wrote its end: the rerun records it from its heartbeat, as lost
+    lost, done = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert (lost["ended"], lost["exit_code"], lost["resumed_step"]) == ("lost", None, 0)
+    assert (done["ended"], done["resumed_step"], done["step"]) == ("completed", saved_step, 32)
+    assert "goodput: 2 attempts (1 lost, 1 completed)" in proc.stdout
     assert_same_run(reference, run_dir)
 
 

@@ -304,11 +304,13 @@ def test_starting_over_moves_the_earlier_run_aside(finished, tmp_path):
     proc = ok(train(*args, "train.epochs=1", cwd=tmp_path))
     (earlier,) = run_dir.glob("earlier-*")
     assert (
-        f"warning: {run_dir} holds an earlier run (best.pt, metrics.jsonl, config.yaml, runtime.yaml, 1 TensorBoard event file) "
+        f"warning: {run_dir} holds an earlier run (best.pt, metrics.jsonl, config.yaml, runtime.yaml, attempts.jsonl, "
+        f"1 TensorBoard event file) "
         f"but no last.pt or prev.pt to resume from; moved it to {earlier} and starting over"
     ) in proc.stdout
     assert (earlier / "best.pt").read_bytes() == best and (earlier / "metrics.jsonl").read_text() == metrics
     assert len(list(earlier.glob("events.out.tfevents.*"))) == 1 and not list(run_dir.glob("earlier-*/earlier-*"))
+    assert (earlier / "attempts.jsonl").is_file() and "goodput: 1 attempt (1 completed)" in proc.stdout  # a new run's count
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 

@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
-from test_launch import job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
+from test_launch import attempts, job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
-from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, train
+from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, run, train
 
 
 def two_node_problem() -> str | None:
@@ -45,6 +45,7 @@ def batch(script: str, *args, options=(), export=SBATCH_ENV, out):
 def only_rank_zero_wrote(run_dir):
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
     assert [f for f in files if "tfevents" not in f] == [
+        "attempts.jsonl",
         "checkpoints/best.pt",
         "checkpoints/last.pt",
         "checkpoints/prev.pt",
@@ -136,7 +137,67 @@ def test_launcher_two_node_job_survives_preemption(preemptible_reference, tmp_pa
     stopped = int(re.search(r"stopped by signal at epoch 1 step (\d+)/64", text).group(1))
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 1 step {stopped}/64 (global step {stopped})" in text
     assert text.count("network: rank 0 node1") == 2  # both runs of the job spanned the two nodes
+    assert [(a["ended"], a["nodes"], a["signal"] if "signal" in a else None) for a in attempts(run_dir)] == [
+        ("timed out", "node[1-2]", "SIGUSR2"),  # submitit's time-limit signal, as --signal-delay sends it
+        ("completed", "node[1-2]", None),
+    ]
     assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
+
+
+def test_torchrun_sbatch_time_limit_signal_resumes_at_the_signals_step(preemptible_reference, tmp_path):
+    """torchrun.sbatch's time-limit signal (B:USR1, here by scancel -b): the ranks save at that step, the script requeues,
+    the job resumes there, not at the last periodic save; one log holds both attempts."""
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    options = ("--nodes=2", "--cpus-per-task=1", SBATCH_ENV, f"--output={out}")
+    job = run(
+        ["sbatch", "--parsable", *options, REPO / "slurm" / "torchrun.sbatch", *PREEMPTIBLE, f"log.run_dir={run_dir}"], cwd=REPO
+    )
+    job = job.stdout.strip()
+    wait_for(lambda: out.exists() and re.search(r"^epoch 1 step \d+/64", out.read_text(), re.M), 180, "training to start")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    state = wait_for(lambda: (s := sacct_state(job)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and s, 240, "the end")
+    log = out.read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert f"torchrun.sbatch: job {job} (restart 0)" in log and f"torchrun.sbatch: job {job} (restart 1)" in log
+    stopped = int(
+        re.search(r"stopped by signal at epoch 1 step (\d+)/64 \(global step \d+\), [A-Z0-9, ]+ on 2 of 2 ranks", log).group(1)
+    )
+    assert 4 <= stopped < 64  # the signal's step: this run saves nowhere else in the epoch
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch 1 step {stopped}/64 (global step {stopped})" in log
+    assert "torchrun: the workers stopped after SIGUSR1 and saved; exit 75" in log and "Traceback" not in log
+    assert [a["ended"] for a in attempts(run_dir)] == ["timed out", "completed"]
+    assert_same_weights(preemptible_reference / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt", exact=True)
+
+
+def verdict(stdout: str) -> dict[str, tuple[str, str]]:
+    """The check's table: {check: (ok | warn | FAIL, detail)}."""
+    rows = stdout[stdout.index("check ") :].splitlines()[1:]
+    return {m.group(1): (m.group(2), m.group(3)) for m in (re.match(r"(\S.*?) {2,}(ok|warn|FAIL) {2,}(.*)", r) for r in rows)}
+
+
+CHECKS = ["save", "signal (srun)", "requeue", "shared run folder", "network"]
+
+
+def test_preflight_check_passes_through_srun(tmp_path):
+    check = ("--check", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", f"log.run_dir={tmp_path / 'run'}")
+    table = verdict(ok(submit("--config", SMOKE, *check, cwd=tmp_path, timeout=400)).stdout)
+    assert list(table) == CHECKS and {result for result, _ in table.values()} == {"ok"}, table
+    assert re.match(r"SIGUSR2 sent; SIGUSR2 seen by all 2 ranks, all stopped at step \d+$", table["signal (srun)"][1])
+    assert table["network"][1] == "rank 0 node1 eth0 10.77.0.11, rank 1 node2 eth0 10.77.0.12"
+    assert "came back on node[1-2] (restart 1)" in table["requeue"][1]
+
+
+def test_preflight_check_through_torchrun_fails_when_the_signal_delay_is_shorter_than_the_save(tmp_path):
+    check = ("--check", "--torchrun", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--signal-delay", "0")
+    proc = submit("--config", SMOKE, *check, f"log.run_dir={tmp_path / 'run'}", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    table = verdict(proc.stdout)
+    assert list(table) == ["save", "signal (torchrun)", *CHECKS[2:]], table
+    assert table["save"][0] == "FAIL"
+    assert re.match(r"cnn checkpoint \(\d+\.\d MB\) saved in \d+\.\d+ s on \S+: more than --signal-delay 0 s", table["save"][1])
+    assert all(table[c][0] == "ok" for c in CHECKS[2:]) and table["signal (torchrun)"][0] == "ok", table  # the chain works
+    assert table["signal (torchrun)"][1].startswith("SIGUSR1 sent; SIGTERM seen by all 2 ranks")
+    assert proc.stderr.startswith("error: preflight check failed: save (the table above says why; the job's log: ")
 
 
 def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process, tmp_path):

@@ -38,6 +38,7 @@ import importlib.metadata
 import os
 import platform
 import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,23 +271,39 @@ class Saver:
     In the background, `save` takes a CPU snapshot and returns while the file is written (on a
     GPU the CPU is otherwise idle); the next `save` and `wait` first let that write finish, and
     `wait` (or `check`, once it has finished) raises its error in the caller's thread.
+    `seconds` is the time callers spent in `save` and `wait`; `last_write_s` how long the last
+    finished write took, wherever it ran (what a stop signal's save needs).
     """
 
     def __init__(self, folder: Path, background: bool):
         self.folder, self.background = folder, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.seconds = 0.0
+        self.last_write_s: float | None = None
+
+    def _write(self, payload: dict, is_best: bool) -> None:
+        start = time.perf_counter()
+        save(self.folder, payload, is_best)
+        self.last_write_s = time.perf_counter() - start
 
     def save(self, payload: dict, is_best: bool) -> None:
-        self.wait()
+        start = time.perf_counter()
+        try:
+            self._save(payload, is_best)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _save(self, payload: dict, is_best: bool) -> None:
+        self._join()
         if not self.background:
-            save(self.folder, payload, is_best)
+            self._write(payload, is_best)
             return
         frozen = atomic.snapshot(payload)
 
         def write():
             try:
-                save(self.folder, frozen, is_best)
+                self._write(frozen, is_best)
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e
 
@@ -296,10 +313,17 @@ class Saver:
     def check(self) -> None:
         """Raise the error of a background write that has ended; never blocks."""
         if self._thread is not None and not self._thread.is_alive():
-            self.wait()
+            self._join()
 
     def wait(self, raise_error: bool = True) -> None:
         """Until the write in flight is on disk; then raise its error (unless `raise_error` is False)."""
+        start = time.perf_counter()
+        try:
+            self._join(raise_error)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _join(self, raise_error: bool = True) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -150,8 +150,9 @@ class TrainConfig:
 class DistConfig:
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise | nccl | gloo
     timeout_s: float = 300.0  # a collective that waits longer (a rank died) fails the run instead of hanging (<= a week)
-    # on these, all ranks stop at the next step, rank 0 saves last.pt, and the process exits 75 (train/cli.py's Exit)
-    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    # on these, all ranks stop at the next step, rank 0 saves last.pt, and the process exits 75 (train/cli.py's Exit):
+    # SLURM's SIGTERM (requeue, preemption) and the time-limit signals of the sbatch scripts (USR1) and submitit (USR2)
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __post_init__(self):
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from train import atomic
+from train import atomic, cli
 from train.cli import UserError
 from train.config import DataConfig
 
@@ -660,4 +660,7 @@ def _loader(split: Split, order, size: int, drop_last: bool, skip: int, workers:
     if split.images.is_cuda:
         workers = 0  # the batches are GPU tensor slices already; forked workers cannot touch CUDA tensors
     batches = _IndexBatches(order, size, drop_last, skip, device=split.images.device)
-    return DataLoader(_Batches(split), sampler=batches, batch_size=None, num_workers=workers)
+    # workers ignore the stop signals SLURM sends to every process of the job: the main process saves
+    return DataLoader(
+        _Batches(split), sampler=batches, batch_size=None, num_workers=workers, worker_init_fn=cli.ignore_stop_signals
+    )

@@ -13,13 +13,14 @@ for every precision and compile setting.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import augment, checkpoint, data, faults, models
+from train import augment, checkpoint, data, faults, models, preemption
 from train.board import TestExamples
 from train.cli import Exit, UserError
 from train.config import Config
@@ -138,6 +139,15 @@ def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int,
     )
 
 
+def warn_save_outlasts_grace(logger: Logger, written_s: float, who: str) -> None:
+    """A save longer than what a stop signal leaves is killed midway: the stop resumes from the save before."""
+    logger.warn(
+        f"saving a checkpoint took {written_s:.1f} s, longer than a stop signal leaves ({who}): a preemption "
+        f"would be killed while saving and resume from the save before. Put log.run_dir on a faster filesystem, "
+        f"or bound the loss with train.save_every_steps"
+    )
+
+
 class Trainer:
     """One run: its model, optimizer and data; `fit` trains to `train.epochs` and returns an exit code."""
 
@@ -164,6 +174,7 @@ class Trainer:
         # a window longer than an epoch never fills (an epoch's end closes it): no buffer for log.every_steps=10**18
         self.meter = Meter(min(cfg.log.every_steps, self.steps_per_epoch), self.batch_per_rank, dist, self.progress.sums)
         self.last_metrics: dict = {}
+        self.grace = preemption.grace(dist.launch) if dist.is_main else None  # (seconds, who kills) after a stop signal
 
     # ------------------------------------------------------------------ the story of a run
 
@@ -190,7 +201,8 @@ class Trainer:
                 self.save()
                 return self._stopped(f"saved {self.saver.folder / checkpoint.LAST}. Rerun the same command to continue")
             self._end_epoch(self._evaluate())
-            if self.dist.any(self.stop.requested):
+            # a stop during the last epoch's evaluation finishes the run: nothing is left to continue
+            if p.epoch < epochs and self.dist.any(self.stop.requested):
                 return self._stopped("after the epoch's evaluation and save; rerun the same command to continue")
         self.saver.wait()
         self.logger.done(self.last_metrics, p.best_acc, self.saver.folder)
@@ -269,6 +281,9 @@ class Trainer:
             data_id = self.data.identity()
             payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess, data_id)
             self.saver.save(payload, is_best)
+            if self.grace and self.saver.last_write_s and self.saver.last_write_s > self.grace[0]:
+                warn_save_outlasts_grace(self.logger, self.saver.last_write_s, self.grace[1])
+                self.grace = None  # said once
 
     # ------------------------------------------------------------------ logs and checks
 
@@ -280,5 +295,9 @@ class Trainer:
 
     def _stopped(self, what: str) -> int:
         self.saver.wait()
-        self.logger.info(f"stopped by signal at {self.progress.where(self.steps_per_epoch)}; {what}")
+        seen = self.dist.gather(sorted(signal.Signals(s).name for s in set(self.stop.received)))  # each rank's own
+        if seen is not None:  # rank 0: say whether the signal reached every rank, or only some (the others followed)
+            names = ", ".join(sorted(set().union(*seen))) or "a stop signal"
+            where = f"{self.progress.where(self.steps_per_epoch)}, {names} on {sum(map(bool, seen))} of {len(seen)} ranks"
+            self.logger.info(f"stopped by signal at {where}; {what}")
         return Exit.STOPPED

@@ -25,20 +25,21 @@ def run(cfg: config.Config, stop: cli.StopFlag | None = None) -> int:
 
     The launcher's job passes its own StopFlag (listening for submitit's preemption signal too).
     """
-    import torch
-
-    from train import distributed, engine, runfolder, runtime
-
-    launch = distributed.detect()
-    chosen, warnings = runtime.resolve(cfg, launch)
-    torch.set_num_threads(chosen.threads)
-    # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the checkpoint code
-    # reports in one line, instead of SIGXFSZ killing the process mid-save.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    own = stop is None
     stop = stop or cli.StopFlag()
+    # Until the trainer is ready, a stop signal ends the process at once: nothing is trained yet, and
+    # a rank waiting in the rendezvous for a peer that never comes must not wait for SIGKILL.
     stop.listen(cfg.dist.stop_signals)
     try:
+        import torch
+
+        from train import distributed, engine, runfolder, runtime
+
+        launch = distributed.detect()
+        chosen, warnings = runtime.resolve(cfg, launch)
+        torch.set_num_threads(chosen.threads)
+        # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the checkpoint code
+        # reports in one line, instead of SIGXFSZ killing the process mid-save.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         with (
             distributed.setup(launch, chosen.torch_device, chosen.backend, cfg.dist.timeout_s) as dist,
             runfolder.owned(cfg.run_dir, dist) as notes,  # one trainer per run folder, for the whole run
@@ -47,7 +48,7 @@ def run(cfg: config.Config, stop: cli.StopFlag | None = None) -> int:
             for line in warnings + notes:
                 trainer.logger.warn(line)
             try:
-                return trainer.fit()
+                return fit(trainer, stop)
             finally:
                 trainer.logger.close()
                 # DDP's reducer must go before its process group: freed after destroy_process_group,
@@ -56,8 +57,49 @@ def run(cfg: config.Config, stop: cli.StopFlag | None = None) -> int:
                 del trainer
                 gc.collect()
     finally:
-        if own:
-            stop.restore()
+        # This process ends next: its handlers stay, so that a late stop signal (torchrun's agent
+        # stops the slower ranks once one has exited) cannot turn its exit code into a signal's.
+        stop.at_step_boundaries()
+
+
+def fit(trainer, stop: cli.StopFlag) -> int:
+    """`trainer.fit()`, recorded by rank 0 as one attempt of the run; a finished run's last line is its goodput."""
+    from train import preemption, runfolder
+
+    stop.at_step_boundaries()  # from here on a stop signal is a save at the next step boundary
+    folder, logger, attempt = trainer.folder.path, trainer.logger, None
+    if trainer.dist.is_main:
+        try:
+            where = preemption.where()
+            step = lambda: trainer.progress.step  # read by the heartbeat thread
+            attempt = runfolder.Attempt.begin(folder, step(), where, trainer.dist.world_size, step)
+        except OSError as e:
+            logger.warn(f"cannot record this attempt in {folder / runfolder.ATTEMPTS} ({e.strerror or e})")
+    code = cli.Exit.FAILED
+    try:
+        code = trainer.fit()
+        return code
+    except BaseException as e:
+        code = cli.exit_code_of(e)
+        raise
+    finally:
+        if attempt is not None:
+            names = [signal.Signals(s).name for s in stop.received]
+            stop.ended = how_ended(code, stop)
+            try:
+                attempt.end(stop.ended, code, trainer.saver.seconds, names)
+            except OSError as e:
+                logger.warn(f"cannot record this attempt in {folder / runfolder.ATTEMPTS} ({e.strerror or e})")
+            if code == cli.Exit.OK:
+                logger.info(f"goodput: {runfolder.goodput(runfolder.read_attempts(folder))}")
+
+
+def how_ended(code: int, stop: cli.StopFlag) -> str:
+    from train import preemption
+
+    if code == cli.Exit.STOPPED:
+        return preemption.how_stopped(stop.received)
+    return {cli.Exit.OK: "completed", cli.Exit.INTERRUPTED: "interrupted"}.get(code, "failed")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -7,6 +7,9 @@ DC_STATE=$(realpath -m "${DEVCLUSTER_DIR:-/tmp/devcluster}")
 DC_PIDS=$DC_STATE/pids          # "name pid comm" per daemon that up started
 DC_MODE_FILE=$DC_STATE/mode     # "local" or "netns N"
 DC_CREATED=$DC_STATE/created    # "kind name" per netns/link/hosts entry up made
+# What the project's tests look for before they submit anything: the cluster sinfo reaches is this
+# one (same ClusterName and controller), not a real cluster this machine happens to reach.
+DC_MARKER=$DC_STATE/marker
 DC_SLURM_ETC=/etc/slurm
 DC_CLUSTER=devcluster
 DC_PARTITION=debug
@@ -96,4 +99,10 @@ dc_hosts_remove() {
     grep -vF "$DC_HOSTS_MARK" /etc/hosts >"$tmp" || true
     cat "$tmp" >/etc/hosts
     rm -f "$tmp"
+}
+
+# dc_mark CTL_HOST CTL_ADDR: write the marker (up, once every node answers).
+dc_mark() {
+    printf '%s\n' "# written by slurm/devcluster/up; removed by down. tests/test_launch.py submits jobs only to this cluster." \
+        "ClusterName=$DC_CLUSTER" "SlurmctldHost=$1($2)" >"$DC_MARKER"
 }
