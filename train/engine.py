@@ -139,15 +139,6 @@ def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int,
     )
 
 
-def warn_save_outlasts_grace(logger: Logger, written_s: float, who: str) -> None:
-    """A save longer than what a stop signal leaves is killed midway: the stop resumes from the save before."""
-    logger.warn(
-        f"saving a checkpoint took {written_s:.1f} s, longer than a stop signal leaves ({who}): a preemption "
-        f"would be killed while saving and resume from the save before. Put log.run_dir on a faster filesystem, "
-        f"or bound the loss with train.save_every_steps"
-    )
-
-
 class Trainer:
     """One run: its model, optimizer and data; `fit` trains to `train.epochs` and returns an exit code."""
 
@@ -281,8 +272,8 @@ class Trainer:
             data_id = self.data.identity()
             payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess, data_id)
             self.saver.save(payload, is_best)
-            if self.grace and self.saver.last_write_s and self.saver.last_write_s > self.grace[0]:
-                warn_save_outlasts_grace(self.logger, self.saver.last_write_s, self.grace[1])
+            if warning := preemption.save_outlasts(self.grace, self.saver.last_write_s):
+                self.logger.warn(warning)
                 self.grace = None  # said once
 
     # ------------------------------------------------------------------ logs and checks

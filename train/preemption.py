@@ -82,6 +82,17 @@ def grace(launch: Launch, env=os.environ) -> tuple[float, str] | None:
     return min(limits) if limits else None
 
 
+def save_outlasts(grace: tuple[float, str] | None, written_s: float | None) -> str | None:
+    """A save longer than what a stop signal leaves is killed midway: the stop resumes from the save before."""
+    if not grace or not written_s or written_s <= grace[0]:
+        return None
+    return (
+        f"saving a checkpoint took {written_s:.1f} s, longer than a stop signal leaves ({grace[1]}): a preemption "
+        f"would be killed while saving and resume from the save before. Put log.run_dir on a faster filesystem, "
+        f"or bound the loss with train.save_every_steps"
+    )
+
+
 def how_stopped(signals: list[int], env=os.environ) -> str:
     """preempted | timed out | cancelled under SLURM, `stopped` elsewhere (see the module docstring)."""
     job = slurm_job_id(env)
