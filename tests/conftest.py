@@ -20,6 +20,23 @@ MAIN = REPO / "train" / "main.py"
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 
+# The seed notes' CIFAR-10 CNN, as written there: tests paste it into the user scripts they run.
+SEED_MODULE = """
+from torch.nn import Conv2d, MaxPool2d, Flatten, Linear
+
+
+class MyModule(torch.nn.Module):
+    def __init__(self):
+        super(MyModule, self).__init__()
+        self.model = torch.nn.Sequential(
+            Conv2d(3, 32, 5, padding=2), MaxPool2d(2), Conv2d(32, 32, 5, padding=2), MaxPool2d(2),
+            Conv2d(32, 64, 5, padding=2), MaxPool2d(2), Flatten(), Linear(1024, 64), Linear(64, 10))
+
+    def forward(self, inputs):
+        return self.model(inputs)
+"""
+
+
 def env_for_tests(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # keep the subprocesses of one test from oversubscribing the 2 cores
@@ -83,6 +100,20 @@ def assert_same_weights(a_path: Path, b_path: Path, exact: bool) -> None:
             assert torch.equal(a[k], b[k]), k
         else:
             assert torch.allclose(a[k], b[k], rtol=1e-3, atol=2e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def only_rank_zero_wrote(run_dir: Path, checkpoints: tuple[str, ...] = ("best.pt", "last.pt", "prev.pt")) -> None:
+    """A finished run's folder holds what rank 0 writes, and nothing of the other ranks (submitit's logs aside)."""
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
+    assert [f for f in files if "tfevents" not in f] == [
+        "attempts.jsonl",
+        *(f"checkpoints/{name}" for name in checkpoints),
+        "config.yaml",
+        "metrics.jsonl",
+        "runtime.yaml",
+        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
+    ], files
+    assert len([f for f in files if "tfevents" in f]) == 1, files  # scalars and the HParams row: one writer, rank 0's
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

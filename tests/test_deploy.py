@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_CLASSES, REPO, env_for_tests, load, ok, one_error_line, run, train, write_cifar10
+from conftest import CIFAR_CLASSES, REPO, SEED_MODULE, env_for_tests, load, ok, one_error_line, run, train, write_cifar10
 
 PREDICT = REPO / "infer" / "predict.py"
 EXPORT = REPO / "infer" / "export.py"
@@ -21,22 +21,14 @@ EXPORT = REPO / "infer" / "export.py"
 # The seed notes' inference, as written there: MyModule, Image.open(...).convert('RGB'), Resize((32, 32)) and
 # ToTensor(), reshape to (1, 3, 32, 32), argmax. With --normalize, the README's two extra lines for a
 # checkpoint that normalises: Normalize with the checkpoint's own preprocess entry.
-SEED_PREDICT = """
+SEED_PREDICT = (
+    """
 import json, sys
 import torch, torchvision
 from PIL import Image
-from torch.nn import Conv2d, MaxPool2d, Flatten, Linear
-
-
-class MyModule(torch.nn.Module):
-    def __init__(self):
-        super(MyModule, self).__init__()
-        self.model = torch.nn.Sequential(
-            Conv2d(3, 32, 5, padding=2), MaxPool2d(2), Conv2d(32, 32, 5, padding=2), MaxPool2d(2),
-            Conv2d(32, 64, 5, padding=2), MaxPool2d(2), Flatten(), Linear(1024, 64), Linear(64, 10))
-
-    def forward(self, inputs):
-        return self.model(inputs)
+"""
+    + SEED_MODULE
+    + """
 
 
 normalize = sys.argv[1] == "--normalize"
@@ -55,6 +47,7 @@ for path in sys.argv[3:]:
         predicted.append(int(torch.argmax(model(image))))
 print(json.dumps(predicted))
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import MAIN, SMOKE, assert_same_weights, env_for_tests, free_port, load, ok, torchrun, train
+from conftest import MAIN, SMOKE, assert_same_weights, env_for_tests, free_port, load, ok, only_rank_zero_wrote, torchrun, train
 from train import data as data_mod
 from train import models
 from train.augment import Preprocess
@@ -76,18 +76,7 @@ def test_exact_evaluation_and_only_rank_zero_writes(tmp_path):
     assert result["count"] == 101
     assert result["correct"] == round(logged["test_acc"] * 101)
 
-    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    events = [f for f in files if "tfevents" in f]
-    assert len(events) == 1, files  # scalars and the HParams row in one file: one writer, rank 0's
-    assert [f for f in files if "tfevents" not in f] == [
-        "attempts.jsonl",
-        "checkpoints/best.pt",
-        "checkpoints/last.pt",
-        "config.yaml",
-        "metrics.jsonl",
-        "runtime.yaml",
-        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
-    ]
+    only_rank_zero_wrote(run_dir, checkpoints=("best.pt", "last.pt"))
     out0 = next(logs.rglob("0/stdout.log")).read_text()
     assert "done: test_acc" in out0
     for name in ("stdout.log", "stderr.log"):

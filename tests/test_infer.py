@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_CLASSES, REPO, SMOKE, load, ok, one_error_line, run, torchrun, train, write_cifar10
+from conftest import CIFAR_CLASSES, REPO, SEED_MODULE, SMOKE, load, ok, one_error_line, run, torchrun, train, write_cifar10
 from train import data
 
 PREDICT = REPO / "infer" / "predict.py"
@@ -135,20 +135,12 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(smoke_run, tmp_pat
     assert errors[3].startswith(f"error: folder {tmp_path / 'empty'} holds no image files")
 
 
-SEED_SCRIPT = """
+SEED_SCRIPT = (
+    """
 import torch
-from torch.nn import Conv2d, MaxPool2d, Flatten, Linear
-
-
-class MyModule(torch.nn.Module):  # the seed notes' CIFAR-10 CNN, as written there
-    def __init__(self):
-        super(MyModule, self).__init__()
-        self.model = torch.nn.Sequential(
-            Conv2d(3, 32, 5, padding=2), MaxPool2d(2), Conv2d(32, 32, 5, padding=2), MaxPool2d(2),
-            Conv2d(32, 64, 5, padding=2), MaxPool2d(2), Flatten(), Linear(1024, 64), Linear(64, 10))
-
-    def forward(self, inputs):
-        return self.model(inputs)
+"""
+    + SEED_MODULE
+    + """
 
 
 class Net(MyModule):  # a class of the user's that predict.py cannot know
@@ -163,6 +155,7 @@ torch.save(module, "SavedModule.pth")
 torch.save(module.state_dict(), "SavedStateDict.pth")
 torch.save(Net(), "Net.pth")
 """
+)
 
 
 @pytest.fixture(scope="module")

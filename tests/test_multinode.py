@@ -15,7 +15,7 @@ import time
 import pytest
 from test_launch import attempts, job_id_of, sacct_state, sbatch, slurm_problem, submit, wait_for
 
-from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, run, train
+from conftest import PREEMPTIBLE, REPO, SMOKE, assert_same_weights, load, ok, only_rank_zero_wrote, run, train
 
 
 def two_node_problem() -> str | None:
@@ -40,21 +40,6 @@ SBATCH_ENV = f"--export=ALL,PYTHON={sys.executable}"
 def batch(script: str, *args, options=(), export=SBATCH_ENV, out):
     """slurm/SCRIPT ARGS submitted from the repository root; (job id, final state) once it ended."""
     return sbatch(REPO / "slurm" / script, *args, options=(*options, export, f"--output={out}"))
-
-
-def only_rank_zero_wrote(run_dir):
-    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "submitit" not in p.parts)
-    assert [f for f in files if "tfevents" not in f] == [
-        "attempts.jsonl",
-        "checkpoints/best.pt",
-        "checkpoints/last.pt",
-        "checkpoints/prev.pt",
-        "config.yaml",
-        "metrics.jsonl",
-        "runtime.yaml",
-        "trainer.lock",  # rank 0's lock on the run folder (train/runfolder.py)
-    ]
-    assert len([f for f in files if "tfevents" in f]) == 1  # one writer, rank 0's
 
 
 @pytest.fixture(scope="module")

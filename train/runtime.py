@@ -113,21 +113,13 @@ def threads(setting: int, launch: Launch) -> int:
     return setting or max(1, cores)
 
 
-def clamp_threads(threads: int, warnings: list[str]) -> int:
-    # torch crashed (SIGSEGV) at train.threads=100000: more than 4 threads per core only slows a run down anyway
+def at_most_4_per_core(key: str, value: int, warnings: list[str]) -> int:
+    # more than 4 threads or workers per core only slow a run down (and torch crashed at train.threads=100000)
     limit = 4 * len(os.sched_getaffinity(0))
-    if threads > limit:
-        warnings.append(f"train.threads={threads} is more than 4x the {limit // 4} cores this process may use; using {limit}")
+    if value > limit:
+        warnings.append(f"{key}={value} is more than 4x the {limit // 4} cores this process may use; using {limit}")
         return limit
-    return threads
-
-
-def workers(setting: int, warnings: list[str]) -> int:
-    limit = 4 * len(os.sched_getaffinity(0))
-    if setting > limit:
-        warnings.append(f"data.workers={setting} is more than 4x the {limit // 4} cores this process may use; using {limit}")
-        return limit
-    return setting
+    return value
 
 
 def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
@@ -142,8 +134,8 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
         device=str(dev),
         backend=backend(cfg.dist.backend, dev, launch),
         amp=amp_setting(cfg.train.amp, dev),
-        threads=clamp_threads(threads(cfg.train.threads, launch), warnings),
-        workers=workers(cfg.data.workers, warnings),
+        threads=at_most_4_per_core("train.threads", threads(cfg.train.threads, launch), warnings),
+        workers=at_most_4_per_core("data.workers", cfg.data.workers, warnings),
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
         ranks=launch.world_size,
