@@ -268,9 +268,8 @@ class Trainer:
         rng = self.dist.gather(self.state.rng())
         self.progress.sums = self.meter.totals()
         if self.dist.is_main:
-            preprocess = self.preprocess.recipe(self.data.image_size)
-            data_id = self.data.identity()
-            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess, data_id)
+            recipe, identity = self.preprocess.recipe(self.data.image_size), self.data.identity()
+            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, recipe, identity)
             self.saver.save(payload, is_best)
             if warning := preemption.save_outlasts(self.grace, self.saver.last_write_s):
                 self.logger.warn(warning)
@@ -288,7 +287,5 @@ class Trainer:
         self.saver.wait()
         seen = self.dist.gather(sorted(signal.Signals(s).name for s in set(self.stop.received)))  # each rank's own
         if seen is not None:  # rank 0: say whether the signal reached every rank, or only some (the others followed)
-            names = ", ".join(sorted(set().union(*seen))) or "a stop signal"
-            where = f"{self.progress.where(self.steps_per_epoch)}, {names} on {sum(map(bool, seen))} of {len(seen)} ranks"
-            self.logger.info(f"stopped by signal at {where}; {what}")
+            self.logger.info(f"stopped by signal at {self.progress.where(self.steps_per_epoch)}, {preemption.seen(seen)}; {what}")
         return Exit.STOPPED

@@ -93,6 +93,12 @@ def save_outlasts(grace: tuple[float, str] | None, written_s: float | None) -> s
     )
 
 
+def seen(names_per_rank: list[list[str]]) -> str:
+    """`SIGTERM on 1 of 2 ranks`: which stop signals reached which ranks (each rank's own, gathered)."""
+    names = ", ".join(sorted(set().union(*names_per_rank))) or "a stop signal"
+    return f"{names} on {sum(map(bool, names_per_rank))} of {len(names_per_rank)} ranks"
+
+
 def how_stopped(signals: list[int], env=os.environ) -> str:
     """preempted | timed out | cancelled under SLURM, `stopped` elsewhere (see the module docstring)."""
     job = slurm_job_id(env)
