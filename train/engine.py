@@ -2,7 +2,9 @@
 
 The engine asks and does not know: what a checkpoint holds and how a run resumes is
 `train/checkpoint.py`; the step's loss and accuracy bookkeeping is `train/meter.py`; the data
-and its placement `train/data.py`, the augmentation `train/augment.py`; rank and world
+and its placement `train/data.py`, the augmentation `train/augment.py`; every random draw
+`train/randomness.py` (keyed per image, so the same on any number of ranks); how a rank's batch
+becomes the gradient (one pass with DDP, or bitwise shards) `train/shards.py`; rank and world
 `train/distributed.py`; every `auto` was decided by `train/runtime.py` before the engine starts.
 
 Hot-loop rules: no host syncs outside log intervals (the meter keeps each step's loss on the
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import augment, checkpoint, config, data, faults, models
+from train import augment, checkpoint, config, data, faults, models, randomness, shards
 from train.cli import Exit, UserError
 from train.config import Config
 from train.distributed import Dist
@@ -48,24 +50,26 @@ def evaluate(
     device = dist.device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for x, y in loader:
+    cells = num_classes * num_classes
+    # each image's loss in a slot of its own (zero on the other ranks): summed in index order after the all-reduce,
+    # the same float64 sum on any number of ranks
+    losses = torch.zeros(len(loader.dataset), dtype=torch.float64, device=device)
+    confusion = torch.zeros(cells, dtype=torch.int64, device=device)
+    for x, y, index in loader:
         y = y.to(device, non_blocking=True)
         with autocast(device, dtype):
             out = model(preprocess.test(x))
-        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes * num_classes)
+        losses[index.to(device)] = nn.functional.cross_entropy(out.float(), y, reduction="none").double()
+        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=cells)
         faults.point("eval")
     model.train(was_training)
-    # one all-reduce of both sums: counts are exact integers, the loss a float64 sum
-    packed = torch.cat([confusion.double(), loss_sum.view(1)])
-    dist.all_reduce_sum(packed)
-    confusion = packed[:-1].round().long().view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
+    # one all-reduce: counts are exact integers, and a loss slot adds only zeros from the other ranks
+    packed = dist.all_reduce_sum(torch.cat([confusion.double(), losses]))
+    confusion = packed[:cells].round().long().view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
     count = int(confusion.sum())
     correct = int(confusion.diag().sum())
     return {
-        "loss": packed[-1].item() / max(count, 1),
+        "loss": packed[cells:].sum().item() / max(count, 1),
         "acc": correct / max(count, 1),
         "correct": correct,
         "count": count,
@@ -74,23 +78,20 @@ def evaluate(
 
 
 def build_state(cfg: Config, runtime: Runtime, dist: Dist, num_classes: int, steps_per_epoch: int) -> checkpoint.TrainState:
-    """Model, optimizer, schedule, grad scaler and this rank's random streams, all fixed by train.seed."""
+    """Model, optimizer, schedule and grad scaler, all fixed by train.seed (the random draws: train/randomness.py)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = models.build(cfg.model, num_classes).to(dist.device)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg.optim, optimizer, cfg.train.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=runtime.amp == "fp16")
-    # each rank its own augmentation and dropout stream
-    generator = torch.Generator(device=dist.device)
-    generator.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 1)
-    torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 2)
-    return checkpoint.TrainState(model, optimizer, scheduler, scaler, generator)
+    return checkpoint.TrainState(model, optimizer, scheduler, scaler)
 
 
-def wrap(model: nn.Module, dist: Dist, compile: bool) -> nn.Module:
-    """The model the step calls: DDP across ranks, compiled when asked. Checkpoints keep the plain `model`."""
-    if dist.active:
+def wrap(model: nn.Module, dist: Dist, compile: bool, sharded: bool) -> nn.Module:
+    """The model the step calls: DDP across ranks (not in bitwise mode: train/shards.py combines the ranks there),
+    compiled when asked. Checkpoints keep the plain `model`."""
+    if dist.active and not sharded:
         model = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     return torch.compile(model) if compile else model
 
@@ -137,7 +138,10 @@ class Trainer:
         self.steps_per_epoch = data.steps_per_epoch(len(self.data.train), self.batch_per_rank, dist.world_size)
         self.state = build_state(cfg, runtime, dist, len(self.data.classes), self.steps_per_epoch)
         self.model = self.state.model  # unwrapped: what checkpoints hold; ddp_model is what the step calls
-        self.ddp_model = wrap(self.model, dist, cfg.model.compile)
+        self.split = shards.split(cfg.train, self.model, dist)  # one pass (DDP) or bitwise shards
+        self.ddp_model = wrap(self.model, dist, cfg.model.compile, self.split.sharded)
+        self.keys = randomness.SampleKeys(cfg.train.seed, len(self.data.train), self.device)
+        models.attach(self.model, self.keys)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last)
         self.folder = RunFolder(cfg.run_dir)
@@ -146,7 +150,7 @@ class Trainer:
         self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch)
         for line in notes:
             self.logger.warn(line)
-        self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums)
+        self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums, whole=self.split.sharded)
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ the story of a run
@@ -186,11 +190,12 @@ class Trainer:
         seed, workers = self.cfg.train.seed, self.runtime.workers
         loader = data.train_loader(self.data.train, self.batch_per_rank, rank, world, seed, p.epoch, p.step_in_epoch, workers)
         self.ddp_model.train()
+        self.keys.start_epoch(p.epoch)
         self.meter.start_window()
         start = time.perf_counter()
         try:
-            for images, labels in loader:
-                self._run_batch(images, labels)
+            for images, labels, indices in loader:
+                self._run_batch(images, labels, indices)
                 p.step_in_epoch += 1
                 p.step += 1
                 if self.meter.full or p.step_in_epoch == self.steps_per_epoch:
@@ -207,24 +212,31 @@ class Trainer:
             p.seconds += time.perf_counter() - start
         return False
 
-    def _run_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        x = self.preprocess.train(images, self.state.generator)  # (B, 3, H, W) float, augmented, normalised
-        y = labels.to(self.device, non_blocking=True)
-        if self.progress.step == 0:
-            self.logger.first_batch(self.model, x, self.preprocess.mean, self.preprocess.std)
-        with autocast(self.device, self.runtime.dtype):
-            out = self.ddp_model(x)
-            loss = self.criterion(out, y)
+    def _run_batch(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        draws = self.keys.draws(indices)  # (B, 4) int64: each image's random bits, keyed by (seed, epoch, index)
         self.state.optimizer.zero_grad(set_to_none=True)
-        self.state.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
+        for part in self.split.parts():  # the whole batch; in bitwise mode each of this rank's shards in turn
+            x = self.preprocess.train(images[part], draws[part])  # (b, 3, H, W) float, augmented, normalised
+            y = labels[part].to(self.device, non_blocking=True)
+            if self.progress.step == 0 and self.keys.current is None:  # the very first forward of the run
+                self.logger.first_batch(self.model, x, self.preprocess.mean, self.preprocess.std)
+            self.keys.current = draws[part, randomness.ROW]  # the dropout masks' keys for this forward
+            with autocast(self.device, self.runtime.dtype):
+                out = self.ddp_model(x)
+                loss = self.criterion(out, y)
+            self.state.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
+            self.split.keep(loss, out, y)
+        loss, correct = self.split.combine()  # bitwise: every shard's gradient, added in shard order
         faults.point("step", f"(step {self.progress.step + 1})")
         self.state.scaler.step(self.state.optimizer)
         self.state.scaler.update()
         self.state.scheduler.step()
-        self.meter.add(loss, out, y)
+        self.meter.add(loss, correct)
 
     def _evaluate(self) -> dict:
-        loader = data.eval_loader(self.data.test, 2 * self.batch_per_rank, self.dist.rank, self.dist.world_size)
+        # batches of the same images on any number of ranks in bitwise mode: twice a shard; else twice the rank's batch
+        size = 2 * (self.cfg.train.batch_size // self.cfg.train.shards if self.split.sharded else self.batch_per_rank)
+        loader = data.eval_loader(self.data.test, size, self.dist.rank, self.dist.world_size)
         return evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype)
 
     def _end_epoch(self, test: dict) -> None:
@@ -240,13 +252,12 @@ class Trainer:
         self.save(is_best)
 
     def save(self, is_best: bool = False) -> None:
-        """Every rank hands its random streams to rank 0, which writes last.pt (and best.pt)."""
+        """Rank 0 writes last.pt (and best.pt); every rank takes part in the checks and sums before it."""
         stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
-        rng = self.dist.gather(self.state.rng())
         self.progress.sums = self.meter.totals()
         if self.dist.is_main:
             preprocess = self.preprocess.recipe(self.data.image_size)
-            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess)
+            payload = checkpoint.build(self.state, self.progress, self.cfg, self.data.classes, preprocess)
             self.saver.save(payload, is_best)
 
     # ------------------------------------------------------------------ logs and checks
