@@ -128,7 +128,7 @@ def test_bitwise_mode_refuses_shards_it_cannot_deal_out(tmp_path):
     )
     three = Dist(Launch("torchrun", rank=0, world_size=3), torch.device("cpu"), None)
     with pytest.raises(UserError) as e:
-        shards.split(TrainConfig(batch_size=48, reproducible="bitwise", shards=8), torch.nn.Linear(2, 2), three)
+        shards.passes(TrainConfig(batch_size=48, reproducible="bitwise", shards=8), torch.nn.Linear(2, 2), three)
     assert str(e.value) == (
         "train.shards=8 is not divisible by the 3 ranks; in bitwise mode each rank computes whole shards: "
         "run on 1, 2, 4, 8 rank(s)"

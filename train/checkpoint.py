@@ -188,8 +188,9 @@ def resume(state: TrainState, folder: Path, cfg: config.Config, dist: Dist) -> t
         os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
     scheme = payload["rng"].get("scheme") if isinstance(payload.get("rng"), dict) else None
     if scheme != randomness.SCHEME:
+        scheme = str(scheme)[:80] if scheme else "an unknown scheme"  # the file's text, shown: kept short
         notes.append(
-            f"{path} was written with random draws from {scheme or 'an unknown scheme'}, this version keys them per "
+            f"{path} was written with random draws from {scheme}, this version keys them per "
             f"image ({randomness.SCHEME}): weights, optimizer, schedule and data order continue exactly; "
             f"the augmentation and dropout drawn from here on differ from what that version would have drawn"
         )

@@ -138,8 +138,8 @@ class Trainer:
         self.steps_per_epoch = data.steps_per_epoch(len(self.data.train), self.batch_per_rank, dist.world_size)
         self.state = build_state(cfg, runtime, dist, len(self.data.classes), self.steps_per_epoch)
         self.model = self.state.model  # unwrapped: what checkpoints hold; ddp_model is what the step calls
-        self.split = shards.split(cfg.train, self.model, dist)  # one pass (DDP) or bitwise shards
-        self.ddp_model = wrap(self.model, dist, cfg.model.compile, self.split.sharded)
+        self.passes = shards.passes(cfg.train, self.model, dist)  # one pass (DDP) or bitwise shards
+        self.ddp_model = wrap(self.model, dist, cfg.model.compile, self.passes.sharded)
         self.keys = randomness.SampleKeys(cfg.train.seed, len(self.data.train), self.device)
         models.attach(self.model, self.keys)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -150,7 +150,7 @@ class Trainer:
         self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch)
         for line in notes:
             self.logger.warn(line)
-        self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums, whole=self.split.sharded)
+        self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums, whole=self.passes.sharded)
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ the story of a run
@@ -215,7 +215,7 @@ class Trainer:
     def _run_batch(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         draws = self.keys.draws(indices)  # (B, 4) int64: each image's random bits, keyed by (seed, epoch, index)
         self.state.optimizer.zero_grad(set_to_none=True)
-        for part in self.split.parts():  # the whole batch; in bitwise mode each of this rank's shards in turn
+        for part in self.passes.parts():  # the whole batch; in bitwise mode each of this rank's shards in turn
             x = self.preprocess.train(images[part], draws[part])  # (b, 3, H, W) float, augmented, normalised
             y = labels[part].to(self.device, non_blocking=True)
             if self.progress.step == 0 and self.keys.current is None:  # the very first forward of the run
@@ -225,8 +225,8 @@ class Trainer:
                 out = self.ddp_model(x)
                 loss = self.criterion(out, y)
             self.state.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
-            self.split.keep(loss, out, y)
-        loss, correct = self.split.combine()  # bitwise: every shard's gradient, added in shard order
+            self.passes.keep(loss, out, y)
+        loss, correct = self.passes.combine()  # bitwise: every shard's gradient, added in shard order
         faults.point("step", f"(step {self.progress.step + 1})")
         self.state.scaler.step(self.state.optimizer)
         self.state.scaler.update()
@@ -235,7 +235,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         # batches of the same images on any number of ranks in bitwise mode: twice a shard; else twice the rank's batch
-        size = 2 * (self.cfg.train.batch_size // self.cfg.train.shards if self.split.sharded else self.batch_per_rank)
+        size = 2 * (self.cfg.train.batch_size // self.cfg.train.shards if self.passes.sharded else self.batch_per_rank)
         loader = data.eval_loader(self.data.test, size, self.dist.rank, self.dist.world_size)
         return evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype)
 

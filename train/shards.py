@@ -94,8 +94,8 @@ class Shards:
         return total[-2], every[..., -1].sum()  # correct counts are small integers: exact in float32
 
 
-def split(cfg: TrainConfig, model: nn.Module, dist: Dist) -> OnePass | Shards:
-    """The step's way of splitting the batch for train.reproducible; a UserError when the shards cannot be dealt out."""
+def passes(cfg: TrainConfig, model: nn.Module, dist: Dist) -> OnePass | Shards:
+    """How the step passes the batch through the model for train.reproducible; a UserError when the shards cannot be dealt out."""
     if cfg.reproducible == "fast":
         return OnePass()
     if cfg.batch_size % cfg.shards:
