@@ -5,8 +5,11 @@
                                                                 # git archive 237ab12 | tar -x -C /tmp/base
 
 Each variant runs in a fresh process per round (a different commit cannot share a process), the
-variants interleaved round by round so that the machine's drift hits them alike; the table shows
-medians over rounds, in images per second:
+variants interleaved round by round so that the machine's drift hits them alike; the tables show
+medians over rounds, in images per second of wall time and per second of this process's CPU
+time. Every variant runs with `--threads` CPU threads (default 1: on a machine shared with other
+jobs, one thread per process and CPU-time rates are what stays comparable; OpenMP threads that
+wait for a core spin and distort both). The measurements:
 
   limit     forward, backward and optimizer step on a batch already in memory, normalised: the
             model's own limit at the trainer's thread count
@@ -14,9 +17,8 @@ medians over rounds, in images per second:
             save) on synthetic data held as uint8 tensors: the data path, augmentation and step
   augment   `Preprocess.train` alone on a batch of 128: the augmentation and normalisation
 
-trainer/limit near 1 means the data path and the augmentation cost nothing. The bitwise rows
-run train.reproducible=bitwise: with its default of one CPU thread per rank, and with
-train.threads set to all cores (bit-identical only between runs with the same threads per rank).
+trainer/limit near 1 means the data path and the augmentation cost nothing; bitwise/fast is
+what train.reproducible=bitwise costs (one CPU thread per rank is its default on the CPU).
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ def worker(overrides: list[str]) -> dict:
         trainer = engine.Trainer(cfg, chosen, Dist(Launch("single"), device, None), stop=_NeverStop())
         trainer.train_one_epoch()  # warm-up
         trainer.progress.epoch, trainer.progress.step_in_epoch = 1, 0
-        start = time.perf_counter()
-        trainer.train_one_epoch()
-        trainer_rate = STEPS * 128 / (time.perf_counter() - start)
+        trainer_rate = _rates(trainer.train_one_epoch, 1, STEPS * 128)
 
         torch.manual_seed(0)
         model = models.build(cfg.model, 10).to(memory_format=torch.channels_last)
@@ -82,7 +82,8 @@ def worker(overrides: list[str]) -> dict:
             loss.backward()
             opt.step()
 
-        limit_rate = 128 * STEPS / _timed(limit_step, STEPS)
+        limit_step()  # warm-up
+        limit_rate = _rates(limit_step, STEPS, 128 * STEPS)
         images = trainer.data.train.images[:128]
         preprocess = trainer.preprocess
         if importlib.util.find_spec("train.randomness"):  # keyed draws: the batch's bits from the epoch's table
@@ -91,17 +92,18 @@ def worker(overrides: list[str]) -> dict:
         else:  # before: a generator per rank
             gen = torch.Generator().manual_seed(0)
             augment_step = lambda: preprocess.train(images, gen)  # noqa: E731
-        augment_rate = 128 * 200 / _timed(augment_step, 200)
-    return {"limit": limit_rate, "trainer": trainer_rate, "augment": augment_rate, "threads": chosen.threads}
+        augment_step()
+        augment_rate = _rates(augment_step, 200, 128 * 200)
+    rates = {"limit": limit_rate, "trainer": trainer_rate, "augment": augment_rate}
+    return {f"{name} {clock}": rate[i] for name, rate in rates.items() for i, clock in enumerate(("wall", "cpu"))}
 
 
-def _timed(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
+def _rates(fn, n: int, images: int) -> tuple[float, float]:
+    """Images per second of wall time and of this process's CPU time, over `n` calls of `fn`."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         fn()
-    return time.perf_counter() - start
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
 class _NeverStop:
@@ -112,17 +114,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", type=Path, help="a checkout of another commit of this project, measured as 'before'")
+    parser.add_argument("--threads", type=int, default=1, help="train.threads of every variant (default 1)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results_augment.json")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args.worker)), flush=True)
         return
-    cores = len(os.sched_getaffinity(0))
-    variants = {"fast": (REPO, []), "bitwise": (REPO, ["train.reproducible=bitwise"])}
-    variants[f"bitwise, {cores} threads"] = (REPO, ["train.reproducible=bitwise", f"train.threads={cores}"])
+    threads = f"train.threads={args.threads}"
+    variants = {"fast": (REPO, [threads]), "bitwise": (REPO, [threads, "train.reproducible=bitwise"])}
     if args.baseline:
-        variants = {"before": (args.baseline.resolve(), []), **variants}
+        variants = {"before": (args.baseline.resolve(), [threads]), **variants}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for name, (tree, overrides) in variants.items():
@@ -131,18 +133,21 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
-    table = {}
-    print(f"\n{'variant':24} {'threads':>7} {'limit':>8} {'trainer':>8} {'augment':>9} {'trainer/limit':>13}")
-    for name, rounds in results.items():
-        med = {k: statistics.median(r[k] for r in rounds) for k in ("limit", "trainer", "augment")}
-        med["threads"] = rounds[0]["threads"]
-        med["trainer/limit"] = med["trainer"] / med["limit"]
-        table[name] = med
-        print(
-            f"{name:24} {med['threads']:>7} {med['limit']:>8.0f} {med['trainer']:>8.0f} {med['augment']:>9.0f} "
-            f"{med['trainer/limit']:>13.3f}"
-        )
-    machine = {"python": platform.python_version(), "cores": cores, "cpu": platform.processor() or platform.machine()}
+    table: dict[str, dict] = {}
+    for clock in ("wall", "cpu"):
+        print(f"\nimages per second of {clock} time, {args.threads} thread(s), medians of {args.rounds} rounds")
+        print(f"{'variant':10} {'limit':>8} {'trainer':>8} {'augment':>9} {'trainer/limit':>13} {'trainer/fast':>12}")
+        for name, rounds in results.items():
+            med = {k: statistics.median(r[f"{k} {clock}"] for r in rounds) for k in ("limit", "trainer", "augment")}
+            fast = statistics.median(r[f"trainer {clock}"] for r in results["fast"])
+            med |= {"trainer/limit": med["trainer"] / med["limit"], "trainer/fast": med["trainer"] / fast}
+            table.setdefault(name, {})[clock] = med
+            print(
+                f"{name:10} {med['limit']:>8.0f} {med['trainer']:>8.0f} {med['augment']:>9.0f} "
+                f"{med['trainer/limit']:>13.3f} {med['trainer/fast']:>12.3f}"
+            )
+    machine = {"python": platform.python_version(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads}
+    machine["load average at the end"] = os.getloadavg()
     args.json.write_text(json.dumps({"machine": machine, "rounds": results, "medians": table}, indent=1) + "\n")
 
 
