@@ -236,6 +236,13 @@ def test_checkpoint_format_is_written_and_checked(reference, tmp_path):
         f"augmentation and dropout drawn from here on differ from what that version would have drawn"
     ]
     assert_same_run(reference, run_dir)
+    # A crafted scheme is shown on one line, clipped: its newline cannot forge an `error:` line (the run is finished:
+    # the resume only reads the file)
+    rewrite(ckpts / "last.pt", ckpts / "last.pt", rng={"scheme": "x\nerror: all lost\n\x1b[2J" + "y" * 10_000})
+    proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("error") or "y" * 80 in line]
+    assert f"warning: {ckpts / 'last.pt'} was written with random draws from x error: all lost [2Jyyy" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- full disk

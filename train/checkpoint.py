@@ -188,7 +188,8 @@ def resume(state: TrainState, folder: Path, cfg: config.Config, dist: Dist) -> t
         os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
     scheme = payload["rng"].get("scheme") if isinstance(payload.get("rng"), dict) else None
     if scheme != randomness.SCHEME:
-        scheme = str(scheme)[:80] if scheme else "an unknown scheme"  # the file's text, shown: kept short
+        # the file's text, shown: one line (a crafted newline must not forge an `error:` line), kept short
+        scheme = " ".join("".join(c if c.isprintable() else " " for c in str(scheme or "")).split())[:80] or "an unknown scheme"
         notes.append(
             f"{path} was written with random draws from {scheme}, this version keys them per "
             f"image ({randomness.SCHEME}): weights, optimizer, schedule and data order continue exactly; "
