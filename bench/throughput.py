@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import config, data, engine, models, runtime
+from train import config, data, engine, models, runtime, step
 from train.distributed import Dist, Launch
 from train.optimizer import make_optimizer
 
@@ -86,7 +86,7 @@ class Limit:
 
     def run(self, steps: int) -> int:
         for _ in range(steps):
-            with engine.autocast(self.device, self.dtype):
+            with step.autocast(self.device, self.dtype):
                 loss = nn.functional.cross_entropy(self.net(self.x), self.y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import CIFAR_CLASSES, write_cifar10
-from train import augment, config, data, models, runtime
+from train import augment, config, data, models, randomness, runtime, shards
 from train.cli import UserError
 from train.distributed import Dist, Launch
 
@@ -106,7 +106,10 @@ def test_batched_crop_and_flip_match_per_image_definitions():
     x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
     padded = nn.functional.pad(x, (4, 4, 4, 4))
     crop_flip = augment.CropFlip(32, 32, pad=4, flip=True, device=torch.device("cpu"))
-    out = crop_flip(x, torch.Generator().manual_seed(0)).clone()
+    keys = randomness.SampleKeys(seed=0, n=256, device=torch.device("cpu"))
+    keys.start_epoch(0)
+    bits = keys.draws(torch.arange(256))[:, randomness.CROP_FLIP]
+    out = crop_flip(x, randomness.choice(bits, len(crop_flip.table))).clone()
     choices = set()
     for i in range(256):
         found = [
@@ -121,12 +124,107 @@ def test_batched_crop_and_flip_match_per_image_definitions():
         assert found, f"image {i} is no window of its padded input"
         choices.add(found[0])
     assert len({(dy, dx) for dy, dx, _ in choices}) > 60 and {m for _, _, m in choices} == {False, True}
-    again = crop_flip(x, torch.Generator().manual_seed(0))
-    assert torch.equal(again, out)  # the same generator state, the same batch; the kept buffers hold no stale pixels
-    flip_only = augment.CropFlip(32, 32, pad=0, flip=True, device=torch.device("cpu"))(x, torch.Generator().manual_seed(1))
+    again = crop_flip(x, randomness.choice(bits, len(crop_flip.table)))
+    assert torch.equal(again, out)  # the same draws, the same batch; the kept buffers hold no stale pixels
+    flip_only = augment.CropFlip(32, 32, pad=0, flip=True, device=torch.device("cpu"))(x, randomness.choice(bits, 2))
     for i in range(256):
         assert torch.equal(flip_only[i], x[i]) or torch.equal(flip_only[i], x[i].flip(2))
     assert not torch.equal(flip_only, x) and not torch.equal(flip_only, x.flip(3))
+
+
+def test_random_draws_depend_only_on_seed_epoch_and_image():
+    """An image's bits are the same in any batch, in any order, on any rank's share; another epoch or seed, others."""
+    cpu = torch.device("cpu")
+    keys = randomness.SampleKeys(seed=3, n=1000, device=cpu)
+    keys.start_epoch(2)
+    every = keys.draws(torch.arange(1000))
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    for world in (1, 2, 4):  # rank r's batch: positions r, r + W, ... of the global batch
+        for rank in range(world):
+            share = order[:64][rank::world]
+            assert torch.equal(keys.draws(share), every[share])
+    fresh = randomness.SampleKeys(seed=3, n=1000, device=cpu)
+    fresh.start_epoch(2)
+    assert torch.equal(fresh.draws(torch.arange(1000)), every)  # a resumed run: nothing but (seed, epoch, index)
+    keys.start_epoch(3)
+    assert (keys.draws(torch.arange(1000)) != every).all(dim=1).float().mean() > 0.99
+    fresh = randomness.SampleKeys(seed=4, n=1000, device=cpu)
+    fresh.start_epoch(2)
+    assert (fresh.draws(torch.arange(1000)) != every).all(dim=1).float().mean() > 0.99
+    # The scheme's first values, pinned: if they change, so do the draws of every run; bump randomness.SCHEME
+    first = [[1039079894, 1704938194, 2190715761, 821007284], [1850561342, 1916193540, 1983195562, 791711620]]
+    assert every[:2].tolist() == first
+
+    # The 32-bit hash equals its definition in plain Python (no int64 overflow on any device)
+    def reference(x):
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    sample = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123456789])
+    assert randomness.mix(sample).tolist() == [reference(v) for v in sample.tolist()]
+    # Uniform enough: 100000 draws, each of the 162 crop-flip choices within 15 % of its share, grayscale at 0.4
+    big = randomness.SampleKeys(seed=0, n=100_000, device=cpu)
+    big.start_epoch(0)
+    draws = big.draws(torch.arange(100_000))
+    counts = torch.bincount(randomness.choice(draws[:, randomness.CROP_FLIP], 162), minlength=162)
+    assert counts.min() > 0.85 * 100_000 / 162 and counts.max() < 1.15 * 100_000 / 162
+    assert abs(randomness.below(draws[:, randomness.GRAYSCALE], 0.4).float().mean() - 0.4) < 0.005
+    u = randomness.uniform(draws[:, randomness.JITTER])
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+
+
+def test_vgg16_dropout_masks_follow_the_image(monkeypatch):
+    """VGG16's dropout draws each row's mask from the image's keys: the same rows of a batch get the same masks
+    when the batch is split over ranks; keys and shapes of the state_dict are torchvision's; without keys,
+    nn.Dropout; in eval, the identity."""
+    import torchvision
+    from slim_vgg import slim_vgg16
+
+    monkeypatch.setattr(torchvision.models, "vgg16", slim_vgg16)
+    model = models.build(config.ModelConfig(name="vgg16"), 10)
+    reference = slim_vgg16()
+    reference.classifier[6] = nn.Linear(512, 10)
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == [(k, v.shape) for k, v in reference.state_dict().items()]
+    dropout = model.classifier[2]
+    assert type(dropout) is models.KeyedDropout and type(model.classifier[5]) is models.KeyedDropout
+    keys = randomness.SampleKeys(seed=0, n=64, device=torch.device("cpu"))
+    keys.start_epoch(0)
+    models.attach(model, keys)
+    model.train()
+    ones = torch.ones(16, 512)
+    rows = keys.draws(torch.arange(16))[:, randomness.ROW]
+    keys.current = rows
+    whole = dropout(ones)
+    assert set(whole.unique().tolist()) == {0.0, 2.0} and abs((whole == 0).float().mean() - 0.5) < 0.05
+    for world in (2, 4):
+        for rank in range(world):
+            keys.current = rows[rank::world]
+            assert torch.equal(dropout(ones[rank::world]), whole[rank::world])
+    keys.current = rows
+    assert not torch.equal(model.classifier[5](ones), whole)  # each layer draws its own masks
+    x = torch.randn(16, 3, 32, 32)
+    out = model(x)
+    keys.current = rows[1::2]
+    assert torch.allclose(model(x[1::2]), out[1::2], atol=1e-6)
+    keys.current = None
+    assert not torch.equal(dropout(ones), dropout(ones))  # nn.Dropout's own draws
+    assert torch.equal(dropout.eval()(ones), ones)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (5, 5), (9, 9), (3, 8)])
+def test_matrix_average_pool_is_adaptive_average_pool(size):
+    """The deterministic stand-in for VGG16's avgpool in bitwise mode on CUDA: the same values and gradients."""
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    expected, got = nn.AdaptiveAvgPool2d((7, 7))(x), shards.MatrixAvgPool((7, 7))(y)
+    assert torch.allclose(got, expected, atol=1e-6)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    assert torch.allclose(y.grad, x.grad, atol=1e-5)
 
 
 def test_preprocess_normalises_with_cifar10_statistics():
@@ -225,7 +323,9 @@ def test_compiled_model_checkpoints_keep_plain_keys(tmp_path):
     cfg = config.from_files_and_overrides(SMOKE, ["model.compile=true", f"log.run_dir={tmp_path / 'run'}"])
     chosen, _ = runtime.resolve(cfg, ONE.launch)
     trainer = Trainer(cfg, chosen, ONE, stop=None)
-    assert type(trainer.ddp_model).__name__ == "OptimizedModule" and "_orig_mod.model.0.weight" in trainer.ddp_model.state_dict()
+    assert (
+        type(trainer.step.model).__name__ == "OptimizedModule" and "_orig_mod.model.0.weight" in trainer.step.model.state_dict()
+    )
     trainer.save()
     keys = list(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert keys == list(models.SeedCNN().state_dict())

@@ -206,7 +206,8 @@ def test_no_good_checkpoint_is_refused_with_instructions(reference, tmp_path):
 
 def test_checkpoint_format_is_written_and_checked(reference, tmp_path):
     """A format newer than this code is refused in one line; format 1 (the position in the epoch was
-    `progress.batch`) is upgraded, and a resume from it still equals the uninterrupted run."""
+    `progress.batch`, `rng` a list of per-rank generator states) is upgraded, and a resume from it says
+    once that the draws are now keyed per image and still equals the uninterrupted run (whose draws are)."""
     from train import atomic
 
     run_dir = copy_run(reference, tmp_path)
@@ -228,11 +229,25 @@ def test_checkpoint_format_is_written_and_checked(reference, tmp_path):
     progress = load(ckpts / "prev.pt")["progress"]
     old = {k: v for k, v in progress.items() if k != "step_in_epoch"} | {"batch": progress["step_in_epoch"]}
     assert old["batch"] == 8
-    rewrite(ckpts / "prev.pt", ckpts / "last.pt", format=1, progress=old)
+    per_rank = [{"torch": torch.get_rng_state(), "augment": torch.Generator().manual_seed(1).get_state()}]
+    rewrite(ckpts / "prev.pt", ckpts / "last.pt", format=1, progress=old, rng=per_rank)
     (ckpts / "prev.pt").unlink()
     proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
     assert f"resumed from {ckpts / 'last.pt'} at epoch 2 step 8/16 (global step 24)" in proc.stdout
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {ckpts / 'last.pt'} was written with random draws from per-rank generator states, this version keys "
+        f"them per image (per-sample keys v1): weights, optimizer, schedule and data order continue exactly; the "
+        f"augmentation and dropout drawn from here on differ from what that version would have drawn"
+    ]
     assert_same_run(reference, run_dir)
+    # A crafted scheme is shown on one line, clipped: its newline cannot forge an `error:` line (the run is finished:
+    # the resume only reads the file)
+    rewrite(ckpts / "last.pt", ckpts / "last.pt", rng={"scheme": "x\nerror: all lost\n\x1b[2J" + "y" * 10_000})
+    proc = ok(train(*run_dir_args(run_dir), cwd=tmp_path))
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("error") or "y" * 80 in line]
+    assert f"warning: {ckpts / 'last.pt'} was written with random draws from x error: all lost [2Jyyy" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- full disk

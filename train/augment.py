@@ -1,21 +1,25 @@
 """Batched augmentation and normalisation: uint8 batches in, the model's float input out, on the device.
 
 Every operation acts on a whole batch (B, 3, H, W) at once; nothing runs in Python per image.
+The random choices come in as the batch's per-sample bits (`train/randomness.py`: a function of
+the seed, the epoch and each image's index), so an image is augmented the same way whichever
+rank trains it, in whatever batch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from train import randomness
 from train.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 class Preprocess:
     """uint8 batches to normalised float batches on the device; training batches augmented first.
 
-    All operations act on the whole batch (B, 3, H, W) at once, with this rank's own generator.
-    The training path writes into buffers kept from one step to the next (one set per batch
-    shape): a step allocates nothing but a few bytes of random choices and indices.
+    All operations act on the whole batch (B, 3, H, W) at once, their choices read from the
+    batch's draws (B, 4) int64. The training path writes into buffers kept from one step to the
+    next (one set per batch shape): a step allocates nothing but a few bytes of choices and indices.
     """
 
     def __init__(
@@ -59,14 +63,15 @@ class Preprocess:
     def test(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalise(x)
 
-    def train(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The returned tensor is overwritten by the next call: the model has used it by then."""
+    def train(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """`draws`: the batch's (B, 4) int64 random bits (randomness.SampleKeys.draws). The returned tensor is
+        overwritten by the next call with the same batch shape: the model has used it by then."""
         x = x.to(self.device, non_blocking=True)
         if "crop" in self.augment or "flip" in self.augment:
             h, w = x.shape[-2:]
             if self.crop_flip is None or self.crop_flip.size != (h, w):
                 self.crop_flip = CropFlip(h, w, self.pad if "crop" in self.augment else 0, "flip" in self.augment, self.device)
-            x = self.crop_flip(x, gen)
+            x = self.crop_flip(x, randomness.choice(draws[:, randomness.CROP_FLIP], len(self.crop_flip.table)))
         out = self.outputs.get(x.shape)
         if out is None:
             out = self.outputs[x.shape] = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
@@ -74,9 +79,9 @@ class Preprocess:
             return self._normalise(x, out)
         x = x.float()
         if "grayscale" in self.augment:
-            x = random_grayscale(x, 0.4, gen)
+            x = random_grayscale(x, randomness.below(draws[:, randomness.GRAYSCALE], 0.4))
         if "jitter" in self.augment:
-            x = random_brightness(x, 0.4, gen)
+            x = random_brightness(x, 0.4, randomness.uniform(draws[:, randomness.JITTER]))
         return self._normalise(x.clamp_(0, 255), out)
 
 
@@ -85,8 +90,8 @@ class CropFlip:
 
     Each choice of (dy, dx, mirrored) is one row of a table, built once, of the flat source index
     of every output pixel in the zero-padded image: output pixel (i, j) reads padded pixel
-    (dy + i, dx + j), or (dy + i, dx + W - 1 - j) when mirrored. A step draws one row per image
-    (all choices equally likely: dy and dx uniform in [0, 2 pad], mirrored with probability 1/2,
+    (dy + i, dx + j), or (dy + i, dx + W - 1 - j) when mirrored. A step is given one row per image
+    (drawn uniformly: dy and dx uniform in [0, 2 pad], mirrored with probability 1/2,
     independently), copies the batch into the middle of a zero buffer it keeps, and gathers:
     about ten tensor operations per batch, whatever its size.
     """
@@ -105,27 +110,26 @@ class CropFlip:
         self.table = torch.stack(table)  # (choices, H * W) int64
         self.buffers: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """`choice`: (B,) int64, each image's row of the table."""
         b, c, h, w = x.shape
         p = self.pad
         if x.shape not in self.buffers:  # the padding stays zero: only the middle is ever written
             self.buffers[x.shape] = (x.new_zeros(b, c, h + 2 * p, w + 2 * p), x.new_empty(b, c, h * w))
         padded, out = self.buffers[x.shape]
         padded[:, :, p : p + h, p : p + w] = x
-        choice = torch.randint(0, len(self.table), (b,), generator=gen, device=x.device)
         index = self.table[choice].unsqueeze(1).expand(b, c, h * w)
         return torch.gather(padded.view(b, c, -1), 2, index, out=out).view(b, c, h, w)
 
 
-def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """The seed's RandomGrayscale(p) on a float batch in [0, 255]."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    gray = (x * weights).sum(1, keepdim=True).expand_as(x)
-    pick = torch.rand(x.shape[0], generator=gen, device=x.device) < p
+def random_grayscale(x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """The seed's RandomGrayscale on a float batch in [0, 255]: the images where `pick` (B,) bool is true."""
+    # written out channel by channel: the same additions in the same order for every batch shape
+    gray = (x[:, 0:1] * 0.299 + x[:, 1:2] * 0.587 + x[:, 2:3] * 0.114).expand_as(x)
     return torch.where(pick[:, None, None, None], gray, x)
 
 
-def random_brightness(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """The seed's ColorJitter(strength): brightness scaled by a factor in [1 - s, 1 + s] per image."""
-    factor = 1.0 + strength * (2.0 * torch.rand(x.shape[0], generator=gen, device=x.device) - 1.0)
+def random_brightness(x: torch.Tensor, strength: float, u: torch.Tensor) -> torch.Tensor:
+    """The seed's ColorJitter(strength): brightness scaled by 1 + s (2u - 1), in [1 - s, 1 + s], per image; u (B,) in [0, 1)."""
+    factor = 1.0 + strength * (2.0 * u - 1.0)
     return x * factor[:, None, None, None]

@@ -14,8 +14,9 @@ never changes another). A checkpoint is one dict, written with
                 their state_dicts
     progress    `Progress`: epochs done, steps taken, the step within the epoch, best accuracy,
                 this epoch's partial sums
-    rng         one dict of random states per rank (torch's CPU stream, the augmentation
-                generator, CUDA's)
+    rng         {"scheme": randomness.SCHEME}: every draw is a function of (train.seed, epoch,
+                image index), so there is no state to save, on any world size; format 1 (and
+                early format 2) held one dict of generator states per rank
     config      the resolved config as plain dicts: resume compares it, inference rebuilds from it
     classes     class names in label order
     data        what it was trained on: classes, train and test sizes, a digest of the labels
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train import atomic, config
+from train import atomic, config, randomness
 from train.cli import UserError
 from train.data import CIFAR10_MEAN, NORMALISATIONS
 from train.distributed import Dist
@@ -54,7 +55,10 @@ from train.optimizer import replan
 
 LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 REJECTED = "last.pt.rejected"  # a last.pt that could not be resumed from, kept for inspection
-FORMAT = 2  # 2: progress.batch renamed step_in_epoch. Bump when the layout changes; teach _upgrade the old one
+# 2: progress.batch renamed step_in_epoch; rng holds the scheme, not per-rank states. Bump when the layout changes;
+# teach _upgrade the old one
+FORMAT = 2
+PER_RANK_STREAMS = "per-rank generator states"  # the rng scheme of format 1 files
 
 
 class CheckpointError(UserError):
@@ -92,20 +96,6 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    generator: torch.Generator  # this rank's augmentation stream
-
-    def rng(self) -> dict:
-        """This rank's random streams, on the CPU."""
-        state = {"torch": torch.get_rng_state(), "augment": self.generator.get_state().cpu()}
-        if self.generator.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.generator.device)
-        return state
-
-    def set_rng(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"].cpu())
-        self.generator.set_state(state["augment"].cpu())
-        if self.generator.device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"].cpu(), self.generator.device)
 
 
 def versions() -> dict[str, str]:
@@ -124,23 +114,17 @@ def versions() -> dict[str, str]:
 
 
 def build(
-    state: TrainState,
-    progress: Progress,
-    rng: list[dict],
-    cfg: config.Config,
-    classes: list[str],
-    preprocess: dict,
-    data: dict | None = None,
+    state: TrainState, progress: Progress, cfg: config.Config, classes: list[str], preprocess: dict, data: dict | None = None
 ) -> dict:
-    """The checkpoint of a run: `rng` holds every rank's random streams, in rank order; `data` is the training
-    data's identity (data.Datasets.identity)."""
+    """The checkpoint of a run (rank 0's objects: every rank holds the same); `data` is the training data's identity
+    (data.Datasets.identity)."""
     return {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
         "progress": asdict(progress),
-        "rng": rng,
+        "rng": {"scheme": randomness.SCHEME},
         "config": config.to_dict(cfg),
         "classes": list(classes),
         "preprocess": dict(preprocess),
@@ -178,15 +162,13 @@ def _data_difference(saved: dict, now: dict) -> str:
     return "the same classes and sizes, but other labels"
 
 
-def restore(payload: dict, state: TrainState, dist: Dist) -> Progress:
-    """Load a checkpoint into the live objects; this rank's random streams when the world size is the same."""
+def restore(payload: dict, state: TrainState) -> Progress:
+    """Load a checkpoint into the live objects: on any world size, all there is to continue exactly."""
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     if payload.get("scaler"):
         state.scaler.load_state_dict(payload["scaler"])
-    if len(payload["rng"]) == dist.world_size:
-        state.set_rng(payload["rng"][dist.rank])
     return Progress(**payload["progress"])
 
 
@@ -229,7 +211,7 @@ def resume(
             )
         return Progress(), None, []
     payload = load(path, map_location=dist.device, verify=False)  # rank 0 verified this file
-    progress = restore(payload, state, dist)
+    progress = restore(payload, state)
     notes = [f"{line}; resuming from {path.name} instead" for line in problems]
     if payload.get("data") is None:
         notes.append(f"{path} does not record the data it was trained on (an older checkpoint): data.root is not checked")
@@ -237,10 +219,14 @@ def resume(
     notes.append(replan(state.optimizer, state.scheduler, old_epochs, cfg.train.epochs, cfg.optim.schedule, progress.step))
     if dist.is_main and path.name != LAST and (folder / LAST).exists():
         os.replace(folder / LAST, folder / REJECTED)  # out of the rotation: it must never become prev.pt
-    if len(payload["rng"]) != dist.world_size:
+    scheme = payload["rng"].get("scheme") if isinstance(payload.get("rng"), dict) else None
+    if scheme != randomness.SCHEME:
+        # the file's text, shown: one line (a crafted newline must not forge an `error:` line), kept short
+        scheme = " ".join("".join(c if c.isprintable() else " " for c in str(scheme or "")).split())[:80] or "an unknown scheme"
         notes.append(
-            f"{path} was written by {len(payload['rng'])} rank(s), this run has {dist.world_size}: "
-            f"weights and schedule continue exactly, random augmentation streams start afresh"
+            f"{path} was written with random draws from {scheme}, this version keys them per "
+            f"image ({randomness.SCHEME}): weights, optimizer, schedule and data order continue exactly; "
+            f"the augmentation and dropout drawn from here on differ from what that version would have drawn"
         )
     return progress, path, [line for line in notes if line]
 
@@ -382,6 +368,8 @@ def _upgrade(payload: dict, path: Path) -> dict:
         progress = dict(payload["progress"])
         progress["step_in_epoch"] = progress.pop("batch", 0)
         payload = dict(payload, progress=progress, format=FORMAT)
+    if isinstance(payload.get("rng"), list):  # format 1 and early format 2: one dict of generator states per rank
+        payload = dict(payload, rng={"scheme": PER_RANK_STREAMS})
     return payload
 
 

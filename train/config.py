@@ -122,7 +122,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 20  # a rerun of a finished run with more epochs continues it
     batch_size: int = 128  # global: each of N ranks takes batch_size / N
-    seed: int = 0  # model init, shuffling and augmentation; each rank derives its own augmentation stream from it
+    seed: int = 0  # model init, shuffling, augmentation and dropout: every draw is keyed by (seed, epoch, image index)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~11x slower on CPUs without bf16 units) | bf16 | fp16 | fp32
     amp: str = "auto"
@@ -132,6 +132,10 @@ class TrainConfig:
     # write checkpoints on a thread of their own. auto: on CUDA (the CPU is idle while the GPU trains), not on the CPU
     # (it would take cores from training) | always | never
     save_in_background: str = "auto"
+    # fast: 1 process and N ranks train the same model up to float32 summation order (DDP's all-reduce) |
+    # bitwise: bit for bit, at some cost: gradients of train.shards fixed shards combined in shard order (an audit mode)
+    reproducible: str = "fast"
+    shards: int = 8  # bitwise: the global batch is cut into this many shards; it divides the batch, the ranks divide it
 
     def __post_init__(self):
         _at_least("train.epochs", self.epochs, 0)
@@ -142,6 +146,8 @@ class TrainConfig:
         _at_least("train.save_every_steps", self.save_every_steps, 0)
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.save_in_background", self.save_in_background, ("auto", "always", "never"))
+        _choice("train.reproducible", self.reproducible, ("fast", "bitwise"))
+        _at_least("train.shards", self.shards, 1)
         if not re.fullmatch(DEVICE_NAMES, self.device):
             raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -604,7 +604,10 @@ def synthetic(n_train: int, n_test: int, n_classes: int = 10, seed: int = 0, siz
 
 
 class _Batches(Dataset):
-    """A dataset whose items are whole batches: `ds[index_tensor]` is one tensor index."""
+    """A dataset whose items are whole batches: `ds[index_tensor]` is one tensor index.
+
+    A batch is (images, labels, indices): the indices (positions in the split) key the batch's random draws.
+    """
 
     def __init__(self, split: Split):
         self.split = split
@@ -613,7 +616,7 @@ class _Batches(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: torch.Tensor):  # on the split's device already (_IndexBatches)
-        return self.split.images[index], self.split.labels[index]
+        return self.split.images[index], self.split.labels[index], index
 
 
 class _IndexBatches:
@@ -650,9 +653,15 @@ def steps_per_epoch(n: int, batch_per_rank: int, world_size: int) -> int:
 
 
 def eval_loader(split: Split, batch_per_rank: int, rank: int, world_size: int, workers: int = 0) -> DataLoader:
-    """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding."""
+    """This rank's contiguous share of the test set: every sample exactly once across ranks, no padding.
+
+    The set is cut into chunks of `batch_per_rank` images from its start and each rank takes whole
+    chunks, so a batch holds the same images on any number of ranks (the bitwise mode needs that).
+    """
     n = len(split)
-    share = range(n * rank // world_size, n * (rank + 1) // world_size)
+    chunks = -(-n // batch_per_rank)
+    first, end = chunks * rank // world_size, chunks * (rank + 1) // world_size  # this rank's chunks
+    share = range(min(n, first * batch_per_rank), min(n, end * batch_per_rank))
     return _loader(split, share, batch_per_rank, drop_last=False, skip=0, workers=workers)
 
 

@@ -164,6 +164,16 @@ class Dist:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` into `out` (world_size, *tensor.shape), in rank order, bit for bit."""
+        if not self.active:
+            out[0].copy_(tensor)
+            return out
+        import torch.distributed as tdist
+
+        tdist.all_gather(list(out.unbind(0)), tensor)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any rank (a CPU collective: no device sync)."""
         if not self.active:

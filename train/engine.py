@@ -1,9 +1,13 @@
 """The training loop: for each epoch, `train_one_epoch` -> `evaluate` -> save, and stop cleanly on a signal.
 
 The engine asks and does not know: what a checkpoint holds and how a run resumes is
-`train/checkpoint.py`; the step's loss and accuracy bookkeeping is `train/meter.py`; the data
-and its placement `train/data.py`, the augmentation `train/augment.py`; rank and world
-`train/distributed.py`; every `auto` was decided by `train/runtime.py` before the engine starts.
+`train/checkpoint.py`; one optimizer step on a batch (draws, augmentation, forward, backward,
+update) is `train/step.py`, which asks `train/randomness.py` for every random draw (keyed per
+image, so the same on any number of ranks) and `train/shards.py` how a rank's batch becomes the
+gradient (one pass with DDP, or bitwise shards); the step's loss and accuracy bookkeeping is
+`train/meter.py`; the data and its placement `train/data.py`, the augmentation
+`train/augment.py`; rank and world `train/distributed.py`; every `auto` was decided by
+`train/runtime.py` before the engine starts.
 
 Hot-loop rules: no host syncs outside log intervals (the meter keeps each step's loss on the
 device until a log line reads it), whole-batch preprocessing on the device, and one step path
@@ -12,34 +16,23 @@ for every precision and compile setting.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from train import augment, checkpoint, data, faults, models, preemption
 from train.board import TestExamples
-from train.cli import Exit, UserError
+from train.cli import Exit
 from train.config import Config
 from train.distributed import Dist
-from train.logger import Logger
-from train.meter import Meter
+from train.logger import Logger, epoch_metrics
+from train.meter import Meter, stop_if_diverged
 from train.optimizer import make_optimizer, make_scheduler
 from train.runfolder import RunFolder
 from train.runtime import Runtime
-
-
-class NonFiniteLoss(UserError):
-    exit_code = Exit.NONFINITE
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+from train.step import Step, autocast
 
 
 @torch.no_grad()
@@ -59,26 +52,28 @@ def evaluate(
     device = dist.device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for x, y in loader:
+    cells = num_classes * num_classes
+    # each image's loss in a slot of its own (zero on the other ranks): summed in index order after the all-reduce,
+    # the same float64 sum on any number of ranks
+    losses = torch.zeros(len(loader.dataset), dtype=torch.float64, device=device)
+    confusion = torch.zeros(cells, dtype=torch.int64, device=device)
+    for x, y, index in loader:
         y = y.to(device, non_blocking=True)
         with autocast(device, dtype):
             out = model(preprocess.test(x))
-        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes * num_classes)
+        losses[index.to(device)] = nn.functional.cross_entropy(out.float(), y, reduction="none").double()
+        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=cells)
         if observe is not None:
             observe(x, y, out)
         faults.point("eval")
     model.train(was_training)
-    # one all-reduce of both sums: counts are exact integers, the loss a float64 sum
-    packed = torch.cat([confusion.double(), loss_sum.view(1)])
-    dist.all_reduce_sum(packed)
-    confusion = packed[:-1].round().long().view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
+    # one all-reduce: counts are exact integers, and a loss slot adds only zeros from the other ranks
+    packed = dist.all_reduce_sum(torch.cat([confusion.double(), losses]))
+    confusion = packed[:cells].round().long().view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
     count = int(confusion.sum())
     correct = int(confusion.diag().sum())
     return {
-        "loss": packed[-1].item() / max(count, 1),
+        "loss": packed[cells:].sum().item() / max(count, 1),
         "acc": correct / max(count, 1),
         "correct": correct,
         "count": count,
@@ -87,56 +82,14 @@ def evaluate(
 
 
 def build_state(cfg: Config, runtime: Runtime, dist: Dist, num_classes: int, steps_per_epoch: int) -> checkpoint.TrainState:
-    """Model, optimizer, schedule, grad scaler and this rank's random streams, all fixed by train.seed."""
+    """Model, optimizer, schedule and grad scaler, all fixed by train.seed (the random draws: train/randomness.py)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = models.build(cfg.model, num_classes).to(dist.device)
     model = model.to(memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg.optim, optimizer, cfg.train.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=runtime.amp == "fp16")
-    # each rank its own augmentation and dropout stream
-    generator = torch.Generator(device=dist.device)
-    generator.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 1)
-    torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * dist.rank + 2)
-    return checkpoint.TrainState(model, optimizer, scheduler, scaler, generator)
-
-
-def wrap(model: nn.Module, dist: Dist, compile: bool) -> nn.Module:
-    """The model the step calls: DDP across ranks, compiled when asked. Checkpoints keep the plain `model`."""
-    if dist.active:
-        model = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
-
-
-def epoch_metrics(p: checkpoint.Progress, totals: list[float], test: dict, lr: float) -> dict:
-    """One line of metrics.jsonl: the epoch's training sums (all ranks) and its evaluation."""
-    loss_sum, correct, n = totals
-    return {
-        "epoch": p.epoch,
-        "step": p.step,
-        "train_loss": loss_sum / n,
-        "train_acc": correct / n,
-        "test_loss": test["loss"],
-        "test_acc": test["acc"],
-        "test_count": test["count"],
-        "lr": lr,
-        "images_per_s": n / max(p.seconds, 1e-9),
-    }
-
-
-def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int, saver: checkpoint.Saver, lr: float) -> None:
-    """Raise NonFiniteLoss, naming the step, if any rank saw a non-finite loss since the last check (a collective)."""
-    bad = meter.nonfinite()
-    if bad is None:
-        return
-    back, value = bad
-    saver.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
-    last = saver.folder / checkpoint.LAST
-    saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-    raise NonFiniteLoss(
-        f"loss became {value} at {p.where(steps_per_epoch, back)}; stopped without saving, "
-        f"{saved}. Lower optim.lr (now {lr}) or check the data"
-    )
+    return checkpoint.TrainState(model, optimizer, scheduler, scaler)
 
 
 class Trainer:
@@ -149,11 +102,10 @@ class Trainer:
         self.batch_per_rank = data.batch_per_rank(cfg.train.batch_size, len(self.data.train), dist.world_size)
         self.steps_per_epoch = data.steps_per_epoch(len(self.data.train), self.batch_per_rank, dist.world_size)
         self.state = build_state(cfg, runtime, dist, len(self.data.classes), self.steps_per_epoch)
-        self.model = self.state.model  # unwrapped: what checkpoints hold; ddp_model is what the step calls
-        self.ddp_model = wrap(self.model, dist, cfg.model.compile)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.model = self.state.model  # unwrapped: what checkpoints hold and evaluation calls
         mean, std = data.NORMALISATIONS[cfg.data.normalize]
         self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last, mean, std)
+        self.step = Step(cfg, self.state, dist, runtime.dtype, self.preprocess, len(self.data.train))
         self.folder = RunFolder(cfg.run_dir)
         self.saver = checkpoint.Saver(self.folder.checkpoints, background=runtime.save_in_background and dist.is_main)
         self.progress, self.resumed_from, notes = checkpoint.resume(
@@ -163,7 +115,10 @@ class Trainer:
         for line in self.data.notes + notes:
             self.logger.warn(line)
         # a window longer than an epoch never fills (an epoch's end closes it): no buffer for log.every_steps=10**18
-        self.meter = Meter(min(cfg.log.every_steps, self.steps_per_epoch), self.batch_per_rank, dist, self.progress.sums)
+        window, whole = min(cfg.log.every_steps, self.steps_per_epoch), self.step.passes.sharded
+        self.meter = Meter(window, self.batch_per_rank, dist, self.progress.sums, whole=whole)
+        if self.progress.step == 0:  # a new run: TensorBoard shows its first batch and the model's graph
+            self.step.first_batch = lambda x: self.logger.first_batch(self.model, x, self.preprocess.mean, self.preprocess.std)
         self.last_metrics: dict = {}
         self.grace = preemption.grace(dist.launch) if dist.is_main else None  # (seconds, who kills) after a stop signal
 
@@ -204,12 +159,12 @@ class Trainer:
         p, rank, world, every = self.progress, self.dist.rank, self.dist.world_size, self.cfg.train.save_every_steps
         seed, workers = self.cfg.train.seed, self.runtime.workers
         loader = data.train_loader(self.data.train, self.batch_per_rank, rank, world, seed, p.epoch, p.step_in_epoch, workers)
-        self.ddp_model.train()
+        self.step.start_epoch(p.epoch)
         self.meter.start_window()
         start = time.perf_counter()
         try:
-            for images, labels in loader:
-                self._run_batch(images, labels)
+            for images, labels, indices in loader:
+                self._run_batch(images, labels, indices)
                 p.step_in_epoch += 1
                 p.step += 1
                 if self.meter.full or p.step_in_epoch == self.steps_per_epoch:
@@ -226,24 +181,14 @@ class Trainer:
             p.seconds += time.perf_counter() - start
         return False
 
-    def _run_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        x = self.preprocess.train(images, self.state.generator)  # (B, 3, H, W) float, augmented, normalised
-        y = labels.to(self.device, non_blocking=True)
-        if self.progress.step == 0:
-            self.logger.first_batch(self.model, x, self.preprocess.mean, self.preprocess.std)
-        with autocast(self.device, self.runtime.dtype):
-            out = self.ddp_model(x)
-            loss = self.criterion(out, y)
-        self.state.optimizer.zero_grad(set_to_none=True)
-        self.state.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
-        faults.point("step", f"(step {self.progress.step + 1})")
-        self.state.scaler.step(self.state.optimizer)
-        self.state.scaler.update()
+    def _run_batch(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
+        self.meter.add(*self.step(images, labels, indices, self.progress.step))
         self.state.scheduler.step()
-        self.meter.add(loss, out, y)
 
     def _evaluate(self) -> dict:
-        loader = data.eval_loader(self.data.test, 2 * self.batch_per_rank, self.dist.rank, self.dist.world_size)
+        # batches of the same images on any number of ranks in bitwise mode: twice a shard; else twice the rank's batch
+        size = 2 * (self.cfg.train.batch_size // self.cfg.train.shards if self.step.passes.sharded else self.batch_per_rank)
+        loader = data.eval_loader(self.data.test, size, self.dist.rank, self.dist.world_size)
         examples = TestExamples() if self.cfg.log.tensorboard else None  # every rank: TensorBoard's PR curves need all
         observe = examples.add if examples else None
         test = evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype, observe)
@@ -263,13 +208,12 @@ class Trainer:
         self.save(is_best)
 
     def save(self, is_best: bool = False) -> None:
-        """Every rank hands its random streams to rank 0, which writes last.pt (and best.pt)."""
+        """Rank 0 writes last.pt (and best.pt); every rank takes part in the checks and sums before it."""
         stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
-        rng = self.dist.gather(self.state.rng())
         self.progress.sums = self.meter.totals()
         if self.dist.is_main:
             recipe, identity = self.preprocess.recipe(self.data.image_size), self.data.identity()
-            payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, recipe, identity)
+            payload = checkpoint.build(self.state, self.progress, self.cfg, self.data.classes, recipe, identity)
             self.saver.save(payload, is_best)
             if warning := preemption.save_outlasts(self.grace, self.saver.last_write_s):
                 self.logger.warn(warning)

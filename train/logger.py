@@ -178,3 +178,19 @@ class Logger:
         self._end_bar()
         self.board.close()
         self._board_warnings()
+
+
+def epoch_metrics(p: Progress, totals: list[float], test: dict, lr: float) -> dict:
+    """One line of metrics.jsonl: the epoch's training sums (all ranks) and its evaluation."""
+    loss_sum, correct, n = totals
+    return {
+        "epoch": p.epoch,
+        "step": p.step,
+        "train_loss": loss_sum / n,
+        "train_acc": correct / n,
+        "test_loss": test["loss"],
+        "test_acc": test["acc"],
+        "test_count": test["count"],
+        "lr": lr,
+        "images_per_s": n / max(p.seconds, 1e-9),
+    }

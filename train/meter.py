@@ -1,9 +1,10 @@
 """The training loss and accuracy of an epoch, counted on the device and summed exactly over ranks.
 
-Each step adds its loss and its number of correct predictions to device buffers: no host sync in
-the step. A log line (`take_window`) reads the buffers once, every `log.every_steps` steps, and
-folds them into the epoch's sums; a save or the end of the epoch asks for the all-rank `totals`.
-Sums, not means: N ranks count exactly what one process counts.
+Each step adds its loss and its number of correct predictions to device buffers, and its loss
+to the epoch's float64 sum: no host sync in the step. A log line (`take_window`) reads the
+buffers once, every `log.every_steps` steps, and folds the counts into the epoch's sums; a save
+or the end of the epoch asks for the all-rank `totals`. Sums, not means: N ranks count exactly
+what one process counts. A non-finite loss on any rank stops the run (`stop_if_diverged`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,27 @@ import time
 
 import torch
 
+from train import checkpoint
+from train.cli import Exit, UserError
 from train.distributed import Dist
 
 
+class NonFiniteLoss(UserError):
+    exit_code = Exit.NONFINITE
+
+
 class Meter:
-    def __init__(self, window: int, batch_per_rank: int, dist: Dist, sums: list[float] | None = None):
-        """`sums`: a resumed epoch's [loss x images, correct, images] so far (all ranks); rank 0 carries them on."""
+    def __init__(self, window: int, batch_per_rank: int, dist: Dist, sums: list[float] | None = None, whole: bool = False):
+        """`sums`: a resumed epoch's [loss x images, correct, images] so far (all ranks); rank 0 carries them on.
+
+        `whole`: each step's loss and correct count are the whole global batch's, the same on every
+        rank (train.reproducible=bitwise): rank 0 counts them, the others count nothing, so the
+        all-rank sums add exact zeros and come out bit for bit as in one process.
+        """
         self.dist, self.batch = dist, batch_per_rank
         device = dist.device
+        # the images one step's loss and correct count stand for on this rank
+        self.images = (batch_per_rank * dist.world_size if dist.is_main else 0) if whole else batch_per_rank
         self.losses = torch.zeros(window, device=device)  # the loss of each step since the last window
         self.correct = torch.zeros(window, dtype=torch.int64, device=device)
         self.steps = 0  # steps in the buffers
@@ -27,10 +41,13 @@ class Meter:
         self.sums = torch.tensor(sums if sums and dist.is_main else [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
         self.started = time.perf_counter()  # when the current window began
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """One training step (no host sync)."""
+    def add(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        """One training step: its mean loss and number of correct predictions (no host sync)."""
         self.losses[self.steps] = loss.detach()
-        self.correct[self.steps] = (logits.argmax(1) == labels).sum()
+        self.correct[self.steps] = correct
+        if self.images:
+            # added step by step, not per window: the same float64 sum however a resume cuts the windows
+            self.sums[0] += self.losses[self.steps].double() * self.images
         self.steps += 1
 
     @property
@@ -76,8 +93,22 @@ class Meter:
     def _fold(self) -> None:
         """Add the steps not yet counted to the epoch's sums, on the device."""
         new = slice(self.folded, self.steps)
-        if new.start < new.stop:
-            self.sums[0] += self.losses[new].double().sum() * self.batch  # every training batch is full
+        if new.start < new.stop and self.images:
             self.sums[1] += self.correct[new].sum()
-            self.sums[2] += (new.stop - new.start) * self.batch
-            self.folded = self.steps
+            self.sums[2] += (new.stop - new.start) * self.images  # every training batch is full
+        self.folded = self.steps
+
+
+def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int, saver: checkpoint.Saver, lr: float) -> None:
+    """Raise NonFiniteLoss, naming the step, if any rank saw a non-finite loss since the last check (a collective)."""
+    bad = meter.nonfinite()
+    if bad is None:
+        return
+    back, value = bad
+    saver.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
+    last = saver.folder / checkpoint.LAST
+    saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+    raise NonFiniteLoss(
+        f"loss became {value} at {p.where(steps_per_epoch, back)}; stopped without saving, "
+        f"{saved}. Lower optim.lr (now {lr}) or check the data"
+    )

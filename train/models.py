@@ -1,4 +1,8 @@
-"""The model registry: the seed's CIFAR-10 CNN and torchvision's VGG16 with the seed's two heads."""
+"""The model registry: the seed's CIFAR-10 CNN and torchvision's VGG16 with the seed's two heads.
+
+VGG16's two nn.Dropout layers become KeyedDropout: the same layer (no parameters, so the same
+state_dict keys), whose masks in training are drawn per sample from `train/randomness.py`'s keys.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train import randomness
 from train.cli import UserError
 from train.config import ModelConfig
 
@@ -35,6 +40,51 @@ class SeedCNN(nn.Module):
         return self.model(inputs)
 
 
+class KeyedDropout(nn.Dropout):
+    """nn.Dropout whose mask for a sample depends only on (train.seed, epoch, the sample's index, this layer, the unit).
+
+    So the rows of a global batch get the same masks whichever rank computes them, and a resumed
+    run draws what an uninterrupted one draws. The trainer attaches its `randomness.SampleKeys`
+    (`keys`) and sets `keys.current` to the batch's row keys before each forward. Without them
+    (a model built for one's own loop, a graph trace before the first step) it is nn.Dropout.
+    """
+
+    def __init__(self, p: float, layer: str):
+        super().__init__(p)
+        self.layer_key = randomness.key("dropout", layer)
+        self.keys: randomness.SampleKeys | None = None
+        self._salts: dict[tuple[int, torch.device], torch.Tensor] = {}  # (units, device) -> (units,) int64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.keys.current if self.keys is not None else None
+        if not self.training or self.p in (0, 1) or rows is None:
+            return super().forward(x)
+        if rows.shape[0] != x.shape[0]:
+            raise ValueError(f"KeyedDropout: {rows.shape[0]} row keys for a batch of {x.shape[0]}")
+        units = x[0].numel()
+        salts = self._salts.get((units, x.device))
+        if salts is None:
+            salts = self._salts[(units, x.device)] = randomness.mix(torch.arange(units, device=x.device) ^ self.layer_key)
+        keep = ~randomness.below(randomness.unit_bits(rows, salts), self.p)  # (B, units), kept with probability 1 - p
+        return x * (keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - self.p)))  # as nn.Dropout: x * (mask / (1 - p))
+
+
+def keyed(model: nn.Module) -> nn.Module:
+    """`model` with every nn.Dropout replaced by a KeyedDropout of the same p (named by its path); keys unchanged."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, KeyedDropout(child.p, f"{name}.{child_name}" if name else child_name))
+    return model
+
+
+def attach(model: nn.Module, keys: randomness.SampleKeys) -> None:
+    """Let every KeyedDropout of `model` draw from `keys`."""
+    for module in model.modules():
+        if isinstance(module, KeyedDropout):
+            module.keys = keys
+
+
 # torchvision's file name for VGG16_Weights.IMAGENET1K_V1, looked up in $TORCH_HOME/hub/checkpoints/.
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"
 
@@ -48,13 +98,13 @@ def _vgg16(cfg: ModelConfig, num_classes: int) -> nn.Module:
     elif isinstance(cfg.pretrained, str) and cfg.pretrained:
         model.load_state_dict(_weights_file(Path(cfg.pretrained), model))
     if cfg.head == "replace":
-        model.classifier[6] = nn.Linear(4096, num_classes)
+        model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)  # 4096
     else:  # the seed's other way: keep the 1000-way layer and map it to the classes
         model.classifier.add_module("Linear", nn.Linear(1000, num_classes))
     if cfg.freeze_features:
         for p in model.features.parameters():
             p.requires_grad_(False)
-    return model
+    return keyed(model)
 
 
 def _imagenet_weights(torchvision) -> dict:

@@ -102,11 +102,15 @@ def backend(setting: str, dev: torch.device, launch: Launch) -> str | None:
     return chosen
 
 
-def threads(setting: int, launch: Launch) -> int:
+def threads(setting: int, launch: Launch, one: bool = False) -> int:
     """Ranks x threads = the cores this process may use, unless train.threads says otherwise.
 
     Under SLURM a task gets SLURM_CPUS_PER_TASK cores even where no CPU binding shows in the affinity.
+    `one`: bitwise mode on the CPU, where the kernels' sums depend on the thread count (measured:
+    the CNN's gradients differ between 1 and 2 threads): one thread per rank unless set.
     """
+    if one:
+        return setting or 1
     cores = len(os.sched_getaffinity(0)) // launch.local_world_size
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         cores = min(cores, int(os.environ["SLURM_CPUS_PER_TASK"]))
@@ -134,7 +138,11 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
         device=str(dev),
         backend=backend(cfg.dist.backend, dev, launch),
         amp=amp_setting(cfg.train.amp, dev),
-        threads=at_most_4_per_core("train.threads", threads(cfg.train.threads, launch), warnings),
+        threads=at_most_4_per_core(
+            "train.threads",
+            threads(cfg.train.threads, launch, one=cfg.train.reproducible == "bitwise" and dev.type == "cpu"),
+            warnings,
+        ),
         workers=at_most_4_per_core("data.workers", cfg.data.workers, warnings),
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
