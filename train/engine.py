@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import augment, checkpoint, config, data, faults, models
+from train import augment, checkpoint, config, data, faults, graphs, models
 from train.cli import Exit, UserError
 from train.config import Config
 from train.distributed import Dist
@@ -37,7 +37,8 @@ class NonFiniteLoss(UserError):
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # no cast cache: each weight is cast once per step anyway, and a CUDA graph must not capture one (train/graphs.py)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 @torch.no_grad()
@@ -117,9 +118,11 @@ def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int,
     if bad is None:
         return
     back, value = bad
-    saver.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
-    last = saver.folder / checkpoint.LAST
+    saver.flush_best()  # the checkpoints named below are on disk: the write in flight, a held best.pt
+    last, best = saver.folder / checkpoint.LAST, saver.folder / checkpoint.BEST
     saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+    if best.exists() and not last.exists():
+        saved = f"the best model so far is in {best}"
     raise NonFiniteLoss(
         f"loss became {value} at {p.where(steps_per_epoch, back)}; stopped without saving, "
         f"{saved}. Lower optim.lr (now {lr}) or check the data"
@@ -142,12 +145,15 @@ class Trainer:
         self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last)
         self.folder = RunFolder(cfg.run_dir)
         self.saver = checkpoint.Saver(self.folder.checkpoints, background=runtime.save_in_background and dist.is_main)
+        self.cadence = checkpoint.Cadence(cfg.train, dist)
         self.progress, self.resumed_from, notes = checkpoint.resume(self.state, self.saver.folder, cfg, dist)
         self.logger = Logger(cfg, runtime.progress, dist.is_main, self.progress.epoch)
         for line in notes:
             self.logger.warn(line)
         self.meter = Meter(cfg.log.every_steps, self.batch_per_rank, dist, self.progress.sums)
         self.last_metrics: dict = {}
+        # what runs a step: `_step` itself, or its CUDA graph (train.cuda_graphs)
+        self.run_step = graphs.runner(self._step, self.state.optimizer, [self.state.generator], runtime.cuda_graphs)
 
     # ------------------------------------------------------------------ the story of a run
 
@@ -156,7 +162,7 @@ class Trainer:
         try:
             return self._fit()  # every return waits for the checkpoint in flight and raises its error
         finally:
-            self.saver.wait(raise_error=False)  # after an error elsewhere, a write in flight still holds a good state
+            self.saver.flush_best()  # after an error elsewhere, a write in flight and a held best.pt are still good states
 
     def _fit(self) -> int:
         p, epochs, dist = self.progress, self.cfg.train.epochs, self.dist
@@ -173,8 +179,10 @@ class Trainer:
             if self.train_one_epoch():  # a stop signal, at a step boundary: save that step
                 self.save()
                 return self._stopped(f"saved {self.saver.folder / checkpoint.LAST}. Rerun the same command to continue")
-            self._end_epoch(self._evaluate())
+            saved = self._end_epoch(self._evaluate())
             if self.dist.any(self.stop.requested):
+                if not saved:  # the cadence skipped this epoch's save
+                    self.save()
                 return self._stopped("after the epoch's evaluation and save; rerun the same command to continue")
         self.saver.wait()
         self.logger.done(self.last_metrics, p.best_acc, config.flatten(self.cfg), self.saver.folder)
@@ -182,7 +190,7 @@ class Trainer:
 
     def train_one_epoch(self) -> bool:
         """Train to the end of the epoch; True when a stop signal ended it early (at a step boundary)."""
-        p, rank, world, every = self.progress, self.dist.rank, self.dist.world_size, self.cfg.train.save_every_steps
+        p, rank, world = self.progress, self.dist.rank, self.dist.world_size
         seed, workers = self.cfg.train.seed, self.runtime.workers
         loader = data.train_loader(self.data.train, self.batch_per_rank, rank, world, seed, p.epoch, p.step_in_epoch, workers)
         self.ddp_model.train()
@@ -193,10 +201,10 @@ class Trainer:
                 self._run_batch(images, labels)
                 p.step_in_epoch += 1
                 p.step += 1
-                if self.meter.full or p.step_in_epoch == self.steps_per_epoch:
+                if logged := self.meter.full or p.step_in_epoch == self.steps_per_epoch:
                     self._log_window()
-                # train.save_every_steps; the epoch's last step is saved after evaluation instead
-                if every and p.step % every == 0 and p.step_in_epoch < self.steps_per_epoch:
+                # the save cadence (train.save_every_*); the epoch's last step is saved after its evaluation instead
+                if p.step_in_epoch < self.steps_per_epoch and self.cadence.in_epoch(p.step, logged):
                     p.seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save()
@@ -208,6 +216,11 @@ class Trainer:
         return False
 
     def _run_batch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.meter.add(*self.run_step(images, labels))
+        self.state.scheduler.step()  # outside the step: a CUDA graph replays the step with the rate of this moment
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on one batch: (loss, logits, labels) for the meter."""
         x = self.preprocess.train(images, self.state.generator)  # (B, 3, H, W) float, augmented, normalised
         y = labels.to(self.device, non_blocking=True)
         if self.progress.step == 0:
@@ -220,15 +233,14 @@ class Trainer:
         faults.point("step", f"(step {self.progress.step + 1})")
         self.state.scaler.step(self.state.optimizer)
         self.state.scaler.update()
-        self.state.scheduler.step()
-        self.meter.add(loss, out, y)
+        return loss, out, y
 
     def _evaluate(self) -> dict:
         loader = data.eval_loader(self.data.test, 2 * self.batch_per_rank, self.dist.rank, self.dist.world_size)
         return evaluate(self.model, loader, self.preprocess, self.dist, len(self.data.classes), self.runtime.dtype)
 
-    def _end_epoch(self, test: dict) -> None:
-        """The epoch's metrics to the logs, then last.pt (and best.pt)."""
+    def _end_epoch(self, test: dict) -> bool:
+        """The epoch's metrics to the logs, then last.pt (and best.pt) when the cadence asks; True when it saved."""
         p = self.progress
         p.epoch += 1
         self.last_metrics = epoch_metrics(p, self.meter.totals(), test, self.state.scheduler.get_last_lr()[0])
@@ -237,17 +249,22 @@ class Trainer:
         p.step_in_epoch, p.seconds = 0, 0.0
         self.meter.reset()
         self.logger.epoch(self.last_metrics)
-        self.save(is_best)
+        saving = p.epoch >= self.cfg.train.epochs or self.cadence.epoch_end(p.epoch, p.step)
+        if saving or is_best:
+            self.save(is_best, hold=not saving)
+        return saving
 
-    def save(self, is_best: bool = False) -> None:
-        """Every rank hands its random streams to rank 0, which writes last.pt (and best.pt)."""
+    def save(self, is_best: bool = False, hold: bool = False) -> None:
+        """Every rank hands its random streams to rank 0, which writes last.pt (and best.pt), or holds a new best."""
         stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
         rng = self.dist.gather(self.state.rng())
         self.progress.sums = self.meter.totals()
+        if not hold:
+            self.cadence.saved()
         if self.dist.is_main:
             preprocess = self.preprocess.recipe(self.data.image_size)
             payload = checkpoint.build(self.state, self.progress, rng, self.cfg, self.data.classes, preprocess)
-            self.saver.save(payload, is_best)
+            self.saver.save(payload, is_best, hold)
 
     # ------------------------------------------------------------------ logs and checks
 

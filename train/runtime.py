@@ -32,6 +32,7 @@ class Runtime:
     save_in_background: bool  # checkpoints written by a thread of their own from a CPU snapshot
     progress: str  # bar | lines | none
     ranks: int
+    cuda_graphs: bool = False  # the training step replayed from one CUDA graph (train/graphs.py)
 
     @property
     def torch_device(self) -> torch.device:
@@ -47,8 +48,9 @@ class Runtime:
             f"{self.ranks} ranks x {self.device.split(':')[0]}, {self.backend}" if self.backend else f"1 process on {self.device}"
         )
         saves = "in the background" if self.save_in_background else "in the training thread"
+        graphs = ", the step as a CUDA graph" if self.cuda_graphs else ""
         return (
-            f"running on: {ranks}, {self.threads} CPU threads each, {self.amp}, {self.workers} loader workers, "
+            f"running on: {ranks}, {self.threads} CPU threads each, {self.amp}{graphs}, {self.workers} loader workers, "
             f"checkpoints written {saves}, progress {self.progress}"
         )
 
@@ -83,11 +85,35 @@ def device(name: str, launch: Launch, key: str = "train.device") -> torch.device
     return torch.device("cuda", launch.local_rank)
 
 
-def amp_setting(setting: str, dev: torch.device) -> str:
-    # bf16 on CUDA; on CPUs without bf16 units autocast was measured ~11x slower than float32
+def amp_setting(setting: str, dev: torch.device, model: str) -> str:
+    """`train.amp` for this device and model (`model.name`); measured by bench/throughput.py's precision part.
+
+    On CPUs without bf16 units autocast was measured ~11x slower than float32. On an H200 the seed's
+    cnn, launch-bound, ran 1.18x faster in fp32 than in bf16 (README, Performance); vgg16 is compute-bound.
+    """
     if setting == "auto":
-        return "bf16" if dev.type == "cuda" else "fp32"
+        return "bf16" if dev.type == "cuda" and model != "cnn" else "fp32"
     return setting
+
+
+def cuda_graphs(cfg: Config, dev: torch.device, launch: Launch, amp: str) -> bool:
+    """train.cuda_graphs, or a UserError saying why this run cannot capture its step (train/graphs.py)."""
+    if not cfg.train.cuda_graphs:
+        return False
+    off = "set train.cuda_graphs=false"
+    if dev.type != "cuda":
+        why = f"needs a CUDA device, and this run is on the {dev.type} (which has no kernel launches to save); {off}"
+    elif launch.world_size > 1:
+        why = f"runs one process on one GPU, and this run has {launch.world_size} ranks; {off}"
+    elif amp == "fp16":
+        why = f"cannot replay fp16's loss scaling (it reads the device at every step); use train.amp=bf16 or fp32, or {off}"
+    elif cfg.optim.name != "sgd":
+        why = f"needs optim.name=sgd (its fused step reads the learning rate on the device), not {cfg.optim.name}; or {off}"
+    elif cfg.model.compile:
+        why = "and model.compile=true are two ways to the same end; set one of them to false"
+    else:
+        return True
+    raise UserError(f"train.cuda_graphs=true {why}")
 
 
 def backend(setting: str, dev: torch.device, launch: Launch) -> str | None:
@@ -126,14 +152,16 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
     if progress == "auto":
         progress = "bar" if sys.stderr.isatty() else "lines"
     background = cfg.train.save_in_background
+    amp = amp_setting(cfg.train.amp, dev, cfg.model.name)
     runtime = Runtime(
         device=str(dev),
         backend=backend(cfg.dist.backend, dev, launch),
-        amp=amp_setting(cfg.train.amp, dev),
+        amp=amp,
         threads=threads(cfg.train.threads, launch),
         workers=workers(cfg.data.workers, warnings),
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
         ranks=launch.world_size,
+        cuda_graphs=cuda_graphs(cfg, dev, launch, amp),
     )
     return runtime, warnings
