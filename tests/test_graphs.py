@@ -1,24 +1,33 @@
-"""train.cuda_graphs on a machine without a GPU: one line saying why, and the pieces of the graphed step that
-run on the CPU. The capture itself, its equality with the eager step and its speed are checked on a GPU by
+"""train.cuda_graphs on a machine without a GPU: what a user is told, and the piece of the graphed step that
+runs on the CPU. The capture itself, its equality with the eager step and its speed are checked on a GPU by
 bench/gpu_check.sh."""
 
 from __future__ import annotations
 
 import torch
 
-from conftest import one_error_line, train
+from conftest import ok, one_error_line, train
 from train import graphs, models
 from train.config import ModelConfig, OptimConfig
 from train.optimizer import make_optimizer, make_scheduler
 
 
-def test_cuda_graphs_on_the_cpu_is_one_line(tmp_path, smoke_args):
-    line = one_error_line(train(*smoke_args, "train.device=cpu", "train.cuda_graphs=true", cwd=tmp_path))
-    assert line == (
-        "error: train.cuda_graphs=true needs a CUDA device, and this run is on the cpu (which has no kernel launches "
-        "to save); set train.cuda_graphs=false"
+def test_cuda_graphs_where_they_cannot_run(tmp_path, smoke_args):
+    """On the CPU a config with train.cuda_graphs=true still trains (configs travel), eagerly, with one warning; a
+    combination that cannot work anywhere (adamw's step) is refused in one line before anything is written."""
+    small = [*smoke_args, "train.cuda_graphs=true", "data.synthetic_train=256", "train.epochs=1"]
+    proc = ok(train(*small, cwd=tmp_path))
+    warning = "warning: train.cuda_graphs=true needs a CUDA device and this run is on the cpu: steps run eagerly"
+    assert [line for line in proc.stdout.splitlines() if line.startswith("warning:")] == [warning]
+    assert "done: test_acc" in proc.stdout
+    line = one_error_line(
+        train(*smoke_args, "train.cuda_graphs=true", "optim.name=adamw", f"log.run_dir={tmp_path / 'b'}", cwd=tmp_path)
     )
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert line == (
+        "error: train.cuda_graphs=true needs optim.name=sgd (its fused step reads the learning rate on the device), "
+        "not adamw; or set train.cuda_graphs=false"
+    )
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_learning_rate_on_the_device_steps_like_the_float_one():

@@ -122,7 +122,7 @@ class TrainConfig:
     # from the cores that train; the cnn's write blocks ~25 ms per save) | always | never
     save_in_background: str = "auto"
     # capture the whole training step (augmentation, forward, backward, optimizer) as one CUDA graph and replay it: the
-    # seed's cnn is launch-bound on a big GPU. One CUDA process, sgd, fp32/bf16 only (train/graphs.py)
+    # seed's cnn is launch-bound on a big GPU. sgd, fp32/bf16; on one GPU (elsewhere the steps run eagerly, with a warning)
     cuda_graphs: bool = False
 
     def __post_init__(self):
@@ -219,7 +219,7 @@ def _choice(key, value, choices):
 
 
 def _at_least(key, value, low):
-    if value < low:
+    if not value >= low:  # NaN too
         raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
 
 

@@ -20,9 +20,10 @@ a GPU by bench/gpu_check.sh):
 - The first `WARMUP` steps run eagerly on a side stream, so that lazy initialisations (cuBLAS
   and cuDNN handles, autograd's streams) happen before the capture, as CUDA requires.
 
-`train/runtime.py` refuses the switch where it cannot work (the CPU, several ranks, fp16's loss
-scaling, optimizers other than SGD, model.compile). The engine's only change is which callable
-runs the step: `GraphedStep(step, ...)(*inputs)` returns what `step(*inputs)` returns.
+`train/runtime.py` refuses what never works (fp16's loss scaling, optimizers other than SGD,
+model.compile) and runs the steps eagerly, with a warning, on the CPU or under several ranks. The
+engine's only change is which callable runs the step: `GraphedStep(step, ...)(*inputs)` returns
+what `step(*inputs)` returns.
 """
 
 from __future__ import annotations

@@ -96,24 +96,33 @@ def amp_setting(setting: str, dev: torch.device, model: str) -> str:
     return setting
 
 
-def cuda_graphs(cfg: Config, dev: torch.device, launch: Launch, amp: str) -> bool:
-    """train.cuda_graphs, or a UserError saying why this run cannot capture its step (train/graphs.py)."""
+def cuda_graphs(cfg: Config, dev: torch.device, launch: Launch, amp: str, warnings: list[str]) -> bool:
+    """train.cuda_graphs for this run (train/graphs.py). A combination that never works is refused; where this
+    machine or launch cannot (the CPU, several ranks) the steps run eagerly, with a warning, as configs travel."""
     if not cfg.train.cuda_graphs:
         return False
-    off = "set train.cuda_graphs=false"
+    off = "or set train.cuda_graphs=false"
+    if amp == "fp16":
+        raise UserError(
+            f"train.cuda_graphs=true cannot replay fp16's loss scaling (it reads the device at every step); "
+            f"use train.amp=bf16 or fp32, {off}"
+        )
+    if cfg.optim.name != "sgd":
+        raise UserError(
+            f"train.cuda_graphs=true needs optim.name=sgd (its fused step reads the learning rate on the "
+            f"device), not {cfg.optim.name}; {off}"
+        )
+    if cfg.model.compile:
+        raise UserError("train.cuda_graphs=true and model.compile=true are two ways to the same end; set one of them to false")
     if dev.type != "cuda":
-        why = f"needs a CUDA device, and this run is on the {dev.type} (which has no kernel launches to save); {off}"
-    elif launch.world_size > 1:
-        why = f"runs one process on one GPU, and this run has {launch.world_size} ranks; {off}"
-    elif amp == "fp16":
-        why = f"cannot replay fp16's loss scaling (it reads the device at every step); use train.amp=bf16 or fp32, or {off}"
-    elif cfg.optim.name != "sgd":
-        why = f"needs optim.name=sgd (its fused step reads the learning rate on the device), not {cfg.optim.name}; or {off}"
-    elif cfg.model.compile:
-        why = "and model.compile=true are two ways to the same end; set one of them to false"
-    else:
-        return True
-    raise UserError(f"train.cuda_graphs=true {why}")
+        warnings.append(f"train.cuda_graphs=true needs a CUDA device and this run is on the {dev.type}: steps run eagerly")
+        return False
+    if launch.world_size > 1:
+        warnings.append(
+            f"train.cuda_graphs=true captures one process's step, and this run has {launch.world_size} ranks: steps run eagerly"
+        )
+        return False
+    return True
 
 
 def backend(setting: str, dev: torch.device, launch: Launch) -> str | None:
@@ -162,6 +171,6 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
         ranks=launch.world_size,
-        cuda_graphs=cuda_graphs(cfg, dev, launch, amp),
+        cuda_graphs=cuda_graphs(cfg, dev, launch, amp, warnings),
     )
     return runtime, warnings
