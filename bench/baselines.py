@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,7 @@ class LightningRun:
 
         for name in ("lightning.pytorch", "lightning.fabric"):  # its start-up lines and tips, on every run
             logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=r".*`srun` command is available")  # this machine has SLURM's tools
         self.runs += 1
         self.last = self.folder / f"lightning_{self.runs}"
         cuda = self.device.type == "cuda"

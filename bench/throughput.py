@@ -50,6 +50,7 @@ import json
 import os
 import pickle
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -130,26 +131,36 @@ class Project:
 # ---------------------------------------------------------------------------- whole runs at two sizes, interleaved
 
 
-def timed(run, epochs: int, device: torch.device) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its children that have ended (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(run, epochs: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds / torch's threads) of one run: the second is what a run takes on a machine where
+    nothing else runs and all threads stay busy, a proxy that other processes' load moves much less."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     run(epochs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start, (cpu_seconds() - cpu) / torch.get_num_threads()
     if hasattr(run, "cleanup"):  # the run's files, removed after the clock stopped
         run.cleanup()
     return seconds
 
 
-def measure(variants: dict, sizes: tuple[int, int], n_train: int, device, rounds: int, baseline_rounds: int, warmup: bool):
-    """{variant: {"rates": img/s per round, "startup_s": per round}} from runs of sizes[0] and sizes[1] epochs."""
+def measure(variants: dict, sizes: tuple[int, int], n_train: int, device, args, baseline_rounds: int | None = None) -> dict:
+    """{variant: {"rates": img/s per round by args.clock, "rates_wall", "rates_cpu", "startup_s"}} from runs of sizes[0]
+    and sizes[1] epochs, the variants in turn, in reversed order every other round."""
     e1, e2 = sizes
-    out = {name: {"rates": [], "startup_s": []} for name in variants}
-    if warmup:  # first-time costs a user pays once per process (cuDNN and allocator set-up, page cache), not timed
+    rounds, baseline_rounds = args.rounds, baseline_rounds or args.rounds
+    out = {name: {"rates": [], "rates_wall": [], "rates_cpu": [], "startup_s": []} for name in variants}
+    if args.warmup:  # first-time costs a user pays once per process (cuDNN and allocator set-up, page cache), not timed
         for run in variants.values():
             timed(run, e1, device)
     for r in range(rounds):
@@ -159,20 +170,22 @@ def measure(variants: dict, sizes: tuple[int, int], n_train: int, device, rounds
                 continue
             first, second = (e1, e2) if r % 2 == 0 else (e2, e1)
             seconds = {first: timed(variants[name], first, device), second: timed(variants[name], second, device)}
-            rate = (e2 - e1) * n_train / (seconds[e2] - seconds[e1])
+            for i, clock in enumerate(("wall", "cpu")):
+                out[name][f"rates_{clock}"].append((e2 - e1) * n_train / (seconds[e2][i] - seconds[e1][i]))
+            rate = out[name][f"rates_{args.clock}"][-1]
             out[name]["rates"].append(rate)
-            out[name]["startup_s"].append(seconds[e1] - e1 * n_train / rate)
+            out[name]["startup_s"].append(seconds[e1][0 if args.clock == "wall" else 1] - e1 * n_train / rate)
         load = os.getloadavg()[0]
         line = ", ".join(f"{k} {v['rates'][-1]:.0f}" for k, v in out.items() if len(v["rates"]) > r)
-        print(f"  round {r + 1}/{rounds} (load {load:.1f}): {line} img/s", flush=True)
+        print(f"  round {r + 1}/{rounds} (load {load:.1f}, {args.clock} clock): {line} img/s", flush=True)
     return out
 
 
-def ratio(results: dict, a: str, b: str) -> float | None:
+def ratio(results: dict, a: str, b: str, key: str = "rates") -> float | None:
     """The median over rounds of a's rate / b's rate in the same round (None when either is missing)."""
     if a not in results or b not in results:
         return None
-    pairs = list(zip(results[a]["rates"], results[b]["rates"]))
+    pairs = list(zip(results[a][key], results[b][key]))
     return statistics.median(x / y for x, y in pairs) if pairs else None
 
 
@@ -231,7 +244,7 @@ def bench_model(name: str, device: torch.device, args, folder: Path) -> dict:
         print(f"  {k}: skipped, {why}", flush=True)
     print(f"{name}: {n_train} training images ({steps} steps of {cfg.train.batch_size}), {len(test[1])} test images", flush=True)
     sizes = tuple(int(e) for e in args.epochs.split(","))
-    results = measure(variants, sizes, n_train, device, args.rounds, args.baseline_rounds or args.rounds, args.warmup)
+    results = measure(variants, sizes, n_train, device, args, args.baseline_rounds)
     extra = {}
     for k, v in variants.items():
         if isinstance(v, Project):
@@ -244,10 +257,11 @@ def bench_model(name: str, device: torch.device, args, folder: Path) -> dict:
         "skipped": skipped,
         "variants": {k: {**v, "median": statistics.median(v["rates"]), **extra.get(k, {})} for k, v in results.items()},
         "ratios": {label: ratio(results, a, b) for label, a, b in RATIOS if ratio(results, a, b) is not None},
+        "ratios_cpu": {label: x for label, a, b in RATIOS if (x := ratio(results, a, b, "rates_cpu")) is not None},
     }
 
 
-def bench_precision(name: str, device: torch.device, rounds: int, steps: int, folder: Path) -> dict:
+def bench_precision(name: str, device: torch.device, args, steps: int, folder: Path) -> dict:
     """The limit of `name` in fp32 and bf16, channels-last and NCHW (the difference method over 1 and 2 epochs of `steps`)."""
     options = {
         "channels_last fp32": ["train.amp=fp32"],
@@ -260,7 +274,7 @@ def bench_precision(name: str, device: torch.device, rounds: int, steps: int, fo
     variants = {k: baselines.Limit(c, device, steps, 0) for k, c in cfgs.items()}
     batch = cfgs["NCHW fp32"].train.batch_size
     print(f"{name} precision: the limit, {steps} steps per epoch", flush=True)
-    results = measure(variants, (1, 2), steps * batch, device, rounds, rounds, warmup=True)
+    results = measure(variants, (1, 2), steps * batch, device, args)
     best = max(results, key=lambda k: statistics.median(results[k]["rates"]))
     default = f"channels_last {runtime.amp_setting('auto', device, name)}"
     return {
@@ -364,18 +378,22 @@ def machine() -> str:
 
 
 def report(results: dict) -> None:
-    print(f"\nwhole runs on {results['machine']} ({results['device']}, torch {results['torch']}), {results['date']}, images/s:")
+    clock = "wall clock" if results["clock"] == "wall" else "CPU time / threads, not wall time"
+    where = f"{results['machine']} ({results['device']}, torch {results['torch']}), {results['date']}"
+    print(f"\nwhole runs on {where}, images/s by {clock}:")
     for m in results["models"]:
         v = m["variants"]
         print(f"\n{m['model']}: {m['train_images']} training images, epochs {m['epochs'][0]} and {m['epochs'][1]}")
-        print("| variant | median | rounds | start-up s | in-loop (printed) | saving blocked s/run |")
-        print("|---|---|---|---|---|---|")
+        print("| variant | median | rounds | CPU-time proxy median | start-up s | in-loop (printed) | saving blocked s/run |")
+        print("|---|---|---|---|---|---|---|")
         for k, r in v.items():
             in_loop = f"{statistics.median(r['in_loop']):.0f}" if r.get("in_loop") else ""
             blocked = f"{statistics.median(r['saving_blocked_s']):.3f}" if r.get("saving_blocked_s") else ""
-            rates = " ".join(f"{x:.0f}" for x in r["rates"])
-            print(f"| {k} | {r['median']:.0f} | {rates} | {statistics.median(r['startup_s']):.1f} | {in_loop} | {blocked} |")
+            rates, cpu = " ".join(f"{x:.0f}" for x in r["rates"]), statistics.median(r["rates_cpu"])
+            startup = statistics.median(r["startup_s"])
+            print(f"| {k} | {r['median']:.0f} | {rates} | {cpu:.0f} | {startup:.1f} | {in_loop} | {blocked} |")
         print("ratios (median of per-round ratios): " + ", ".join(f"{k} {x:.3f}" for k, x in m["ratios"].items()))
+        print("the same by the CPU-time proxy: " + ", ".join(f"{k} {x:.3f}" for k, x in m.get("ratios_cpu", {}).items()))
     for p in results.get("precision", []):
         rel = ", ".join(f"{k} {x:.2f}x" for k, x in p["relative_to_default"].items())
         print(f"\n{p['model']} limit by precision, relative to the default ({p['default']}): {rel}; fastest {p['fastest']}")
@@ -399,6 +417,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline-rounds", type=int, default=0, help="rounds for seed and lightning (default: --rounds)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run of each variant")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="what the tables use: wall time (what a user gets; needs a quiet machine) or CPU time / threads "
+        "(a proxy for a machine others load; both are stored)",
+    )
     p.add_argument("--train-images", type=int, default=50000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
@@ -420,6 +445,7 @@ def main() -> int:
         "lightning": baselines.lightning_version(),
         "threads": len(os.sched_getaffinity(0)),
         "load_before": os.getloadavg(),
+        "clock": args.clock,
         "command": sys.argv,
         "models": [],
     }
@@ -432,7 +458,7 @@ def main() -> int:
         if args.precision:
             steps = args.precision_steps or (200 if device.type == "cuda" else 20)
             names = [n for n in args.models.split(",") if n and (device.type == "cuda" or n == "cnn")]
-            results["precision"] = [bench_precision(n, device, args.rounds, steps, Path(tmp)) for n in names]
+            results["precision"] = [bench_precision(n, device, args, steps, Path(tmp)) for n in names]
         if args.ddp_epochs:
             print("DDP scaling, gloo on the CPU (train/main.py under torchrun):", flush=True)
             results["ddp"] = ddp_scaling(Path(tmp), args.ddp_epochs)
