@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     # the trainer's evaluation batch (twice the training batch per rank) and precision: the same numbers
     batch = args.batch_size or 2 * (train_cfg.batch_size if train_cfg else 128)
     loader = data.eval_loader(datasets.test, max(1, batch // dist.world_size), dist.rank, dist.world_size)
-    dtype = runtime.DTYPES[runtime.amp_setting(train_cfg.amp, dist.device)] if train_cfg else None
+    dtype = runtime.DTYPES[runtime.amp_setting(train_cfg.amp, dist.device, loaded.config.model.name)] if train_cfg else None
     result = engine.evaluate(loaded.model, loader, loaded.preprocess(dist.device), dist, len(classes), dtype)
     if not dist.is_main:
         return None

@@ -169,12 +169,13 @@ def link_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def snapshot(obj):
-    """A copy of a checkpoint payload that training can no longer change: every tensor copied to the CPU."""
+def snapshot(obj, on_device: bool = False):
+    """A copy of a checkpoint payload that training can no longer change: every tensor copied to the CPU,
+    or where it is (`on_device`: on a GPU an asynchronous copy that does not wait for the device)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().clone() if on_device else obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        return {k: snapshot(v, on_device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(snapshot(v, on_device) for v in obj)
     return obj  # numbers, strings, None: immutable

@@ -3,7 +3,7 @@
 `<run>/checkpoints/` holds `last.pt` (the resume contract: the trainer writes it and always
 looks for it first), `prev.pt` (the `last.pt` before it, so that a damaged `last.pt` never costs
 the run) and `best.pt` (the best test accuracy so far: a copy, not a link, so that writing over one
-never changes another). A checkpoint is one dict, written with
+never changes another); `Cadence` says when the trainer saves. A checkpoint is one dict, written with
 `torch.save` through `train/atomic.py` (never half written, with a digest) and loaded with
 `weights_only=True` (no code runs from the file):
 
@@ -35,6 +35,7 @@ neither does `infer/` (it reads `contents()`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -231,10 +232,22 @@ def resume(
     return progress, path, [line for line in notes if line]
 
 
-def save(folder: Path, payload: dict, is_best: bool) -> Path:
-    """Write `payload` as last.pt (keeping the previous last.pt as prev.pt) and as best.pt when `is_best`."""
+def _stamped(payload: dict) -> dict:
     payload = dict(payload, format=FORMAT, versions=versions())
     payload["digest"] = atomic.digest(payload)
+    return payload
+
+
+def _write_error(folder: Path, e: OSError, kept: str) -> CheckpointError:
+    return CheckpointError(
+        f"could not write checkpoint in {folder} ({e.strerror or e}); the previous {kept} is untouched. "
+        f"Free space there (or fix permissions) and rerun the same command to resume"
+    )
+
+
+def save(folder: Path, payload: dict, is_best: bool) -> Path:
+    """Write `payload` as last.pt (keeping the previous last.pt as prev.pt) and as best.pt when `is_best`."""
+    payload = _stamped(payload)
     last = folder / LAST
     try:
         if last.exists():
@@ -244,57 +257,86 @@ def save(folder: Path, payload: dict, is_best: bool) -> Path:
         if is_best:
             atomic.copy_atomic(last, folder / BEST)  # its own file; a kernel copy, 0.4x the time of a second torch.save
     except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint in {folder} ({e.strerror or e}); the previous {LAST} is untouched. "
-            f"Free space there (or fix permissions) and rerun the same command to resume"
-        ) from None
+        raise _write_error(folder, e, LAST) from None
     return last
+
+
+def save_best(folder: Path, payload: dict) -> None:
+    """Write a held best checkpoint (an earlier state than last.pt's) as best.pt."""
+    try:
+        atomic.write_atomic(folder / BEST, payload=_stamped(payload))
+    except OSError as e:
+        raise _write_error(folder, e, BEST) from None
 
 
 class Saver:
     """Saves the checkpoints of one folder one at a time, in the caller's thread or on a thread of its own.
 
-    In the background, `save` takes a CPU snapshot and returns while the file is written (on a
-    GPU the CPU is otherwise idle); the next `save` and `wait` first let that write finish, and
-    `wait` (or `check`, once it has finished) raises its error in the caller's thread.
-    `seconds` is the time callers spent in `save` and `wait`; `last_write_s` how long the last
-    finished write took, wherever it ran (what a stop signal's save needs).
+    In the background, `save` takes a snapshot in host memory and returns while the file is
+    written; the next `save` and `wait` first let that write finish, and `wait` (or `check`, once
+    it has finished) raises its error in the caller's thread.
+
+    A new best that the cadence does not save at once is held (`hold_best`: a copy where the
+    model lives; on a GPU, one more model and optimizer state in its memory) and written as
+    best.pt by the next save, or by `flush_best` when a run ends without one: best.pt may lag,
+    the best model is not lost. Killed before that, a rerun redoes those epochs from last.pt
+    exactly and finds the same best again. `blocked` counts the seconds the training thread spent
+    on saving: snapshots, waits for a write in flight, writes in its own thread; `last_write_s`
+    how long the last finished write took, wherever it ran (what a stop signal's save needs).
     """
 
     def __init__(self, folder: Path, background: bool):
         self.folder, self.background = folder, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.seconds = 0.0
+        self._best: dict | None = None  # a held best, a snapshot
+        self.blocked = 0.0
         self.last_write_s: float | None = None
 
-    def _write(self, payload: dict, is_best: bool) -> None:
+    def save(self, payload: dict, is_best: bool, hold: bool = False) -> None:
+        """Write last.pt (and best.pt); with `hold`, keep `payload` as a held best instead."""
+        if hold:
+            self.hold_best(payload)
+            return
         start = time.perf_counter()
+        try:
+            self._join()
+            held, self._best = (None if is_best else self._best), None
+            if not self.background:
+                self._write(held, payload, is_best)
+                return
+            frozen = atomic.snapshot(payload)
+            self._thread = threading.Thread(target=self._write_reporting, args=(held, frozen, is_best), name="checkpoint-writer")
+            self._thread.start()
+        finally:
+            self.blocked += time.perf_counter() - start
+
+    def _write(self, held: dict | None, payload: dict, is_best: bool) -> None:
+        start = time.perf_counter()
+        if held is not None:
+            save_best(self.folder, held)
         save(self.folder, payload, is_best)
         self.last_write_s = time.perf_counter() - start
 
-    def save(self, payload: dict, is_best: bool) -> None:
-        start = time.perf_counter()
+    def _write_reporting(self, *args) -> None:
         try:
-            self._save(payload, is_best)
-        finally:
-            self.seconds += time.perf_counter() - start
+            self._write(*args)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
 
-    def _save(self, payload: dict, is_best: bool) -> None:
-        self._join()
-        if not self.background:
-            self._write(payload, is_best)
-            return
-        frozen = atomic.snapshot(payload)
+    def hold_best(self, payload: dict) -> None:
+        start = time.perf_counter()
+        self._best = atomic.snapshot(payload, on_device=True)  # the write, later, copies it to host memory
+        self.blocked += time.perf_counter() - start
 
-        def write():
-            try:
-                self._write(frozen, is_best)
-            except BaseException as e:  # handed to the training thread by wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=write, name="checkpoint-writer")
-        self._thread.start()
+    def flush_best(self) -> None:
+        """Write a held best now: the run ends without another save (an error, a non-finite loss). A write
+        that fails here goes unreported: the error that ended the run is the one to tell."""
+        self.wait(raise_error=False)
+        held, self._best = self._best, None
+        if held is not None:
+            with contextlib.suppress(CheckpointError):
+                save_best(self.folder, held)
 
     def check(self) -> None:
         """Raise the error of a background write that has ended; never blocks."""
@@ -307,7 +349,7 @@ class Saver:
         try:
             self._join(raise_error)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.blocked += time.perf_counter() - start
 
     def _join(self, raise_error: bool = True) -> None:
         if self._thread is not None:
@@ -405,3 +447,31 @@ def contents(payload: dict, path: Path) -> Contents:
         )
     except (KeyError, TypeError, ValueError, UserError) as e:
         raise CheckpointError(f"checkpoint {path} lacks a config, classes or preprocess this version can read ({e})") from None
+
+
+class Cadence:
+    """When last.pt is written besides the end of a run and a stop signal: `train.save_every_minutes`,
+    `save_every_steps` and `save_every_epochs`, whichever comes due first.
+
+    The clock is read only where all ranks are anyway in step (a log line, an epoch's end) and
+    agreed on with one collective, so that every rank saves at the same step.
+    """
+
+    def __init__(self, cfg: config.TrainConfig, dist: Dist):
+        self.minutes, self.steps, self.epochs = cfg.save_every_minutes, cfg.save_every_steps, cfg.save_every_epochs
+        self.dist = dist
+        self.since = time.monotonic()  # the last save, or the start of this process
+
+    def saved(self) -> None:
+        self.since = time.monotonic()
+
+    def _clock(self) -> bool:
+        return self.minutes > 0 and self.dist.any(time.monotonic() - self.since >= 60 * self.minutes)
+
+    def in_epoch(self, step: int, logged: bool) -> bool:
+        """At a step boundary inside an epoch; `logged`: a log line was just written (on every rank)."""
+        return bool(self.steps and step % self.steps == 0) or (logged and self._clock())
+
+    def epoch_end(self, epoch: int, step: int) -> bool:
+        """After the evaluation of `epoch` (1-based), `step` steps in all."""
+        return bool(self.steps and step % self.steps == 0) or bool(self.epochs and epoch % self.epochs == 0) or self._clock()

@@ -62,7 +62,8 @@ def evaluate(
         with autocast(device, dtype):
             out = model(preprocess.test(x))
         losses[index.to(device)] = nn.functional.cross_entropy(out.float(), y, reduction="none").double()
-        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=cells)
+        pairs = y * num_classes + out.argmax(1)  # bincount would read its maximum back from a GPU: a sync per batch
+        confusion.scatter_add_(0, pairs, torch.ones_like(pairs))
         if observe is not None:
             observe(x, y, out)
         faults.point("eval")
@@ -105,9 +106,10 @@ class Trainer:
         self.model = self.state.model  # unwrapped: what checkpoints hold and evaluation calls
         mean, std = data.NORMALISATIONS[cfg.data.normalize]
         self.preprocess = augment.Preprocess(cfg.data.augment, self.device, cfg.model.channels_last, mean, std)
-        self.step = Step(cfg, self.state, dist, runtime.dtype, self.preprocess, len(self.data.train))
+        self.step = Step(cfg, self.state, dist, runtime, self.preprocess, len(self.data.train))
         self.folder = RunFolder(cfg.run_dir)
         self.saver = checkpoint.Saver(self.folder.checkpoints, background=runtime.save_in_background and dist.is_main)
+        self.cadence = checkpoint.Cadence(cfg.train, dist)
         self.progress, self.resumed_from, notes = checkpoint.resume(
             self.state, self.saver.folder, cfg, dist, self.data.identity()
         )
@@ -129,7 +131,7 @@ class Trainer:
         try:
             return self._fit()  # every return waits for the checkpoint in flight and raises its error
         finally:
-            self.saver.wait(raise_error=False)  # after an error elsewhere, a write in flight still holds a good state
+            self.saver.flush_best()  # after an error elsewhere, a write in flight and a held best.pt are still good states
 
     def _fit(self) -> int:
         p, epochs, dist = self.progress, self.cfg.train.epochs, self.dist
@@ -146,9 +148,11 @@ class Trainer:
             if self.train_one_epoch():  # a stop signal, at a step boundary: save that step
                 self.save()
                 return self._stopped(f"saved {self.saver.folder / checkpoint.LAST}. Rerun the same command to continue")
-            self._end_epoch(self._evaluate())
+            saved = self._end_epoch(self._evaluate())
             # a stop during the last epoch's evaluation finishes the run: nothing is left to continue
             if p.epoch < epochs and self.dist.any(self.stop.requested):
+                if not saved:  # the cadence skipped this epoch's save
+                    self.save()
                 return self._stopped("after the epoch's evaluation and save; rerun the same command to continue")
         self.saver.wait()
         self.logger.done(self.last_metrics, p.best_acc, self.saver.folder)
@@ -156,7 +160,7 @@ class Trainer:
 
     def train_one_epoch(self) -> bool:
         """Train to the end of the epoch; True when a stop signal ended it early (at a step boundary)."""
-        p, rank, world, every = self.progress, self.dist.rank, self.dist.world_size, self.cfg.train.save_every_steps
+        p, rank, world = self.progress, self.dist.rank, self.dist.world_size
         seed, workers = self.cfg.train.seed, self.runtime.workers
         loader = data.train_loader(self.data.train, self.batch_per_rank, rank, world, seed, p.epoch, p.step_in_epoch, workers)
         self.step.start_epoch(p.epoch)
@@ -167,10 +171,10 @@ class Trainer:
                 self._run_batch(images, labels, indices)
                 p.step_in_epoch += 1
                 p.step += 1
-                if self.meter.full or p.step_in_epoch == self.steps_per_epoch:
+                if logged := self.meter.full or p.step_in_epoch == self.steps_per_epoch:
                     self._log_window()
-                # train.save_every_steps; the epoch's last step is saved after evaluation instead
-                if every and p.step % every == 0 and p.step_in_epoch < self.steps_per_epoch:
+                # the save cadence (train.save_every_*); the epoch's last step is saved after its evaluation instead
+                if p.step_in_epoch < self.steps_per_epoch and self.cadence.in_epoch(p.step, logged):
                     p.seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save()
@@ -183,7 +187,7 @@ class Trainer:
 
     def _run_batch(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> None:
         self.meter.add(*self.step(images, labels, indices, self.progress.step))
-        self.state.scheduler.step()
+        self.state.scheduler.step()  # outside the step: a CUDA graph replays the step with the rate of this moment
 
     def _evaluate(self) -> dict:
         # batches of the same images on any number of ranks in bitwise mode: twice a shard; else twice the rank's batch
@@ -195,8 +199,8 @@ class Trainer:
         test["examples"] = examples.gather(self.dist) if examples else None
         return test
 
-    def _end_epoch(self, test: dict) -> None:
-        """The epoch's metrics to the logs, then last.pt (and best.pt)."""
+    def _end_epoch(self, test: dict) -> bool:
+        """The epoch's metrics to the logs, then last.pt (and best.pt) when the cadence asks; True when it saved."""
         p = self.progress
         p.epoch += 1
         self.last_metrics = epoch_metrics(p, self.meter.totals(), test, self.state.scheduler.get_last_lr()[0])
@@ -205,16 +209,21 @@ class Trainer:
         p.step_in_epoch, p.seconds = 0, 0.0
         self.meter.reset()
         self.logger.epoch(self.last_metrics, test, self.data.classes)
-        self.save(is_best)
+        saving = p.epoch >= self.cfg.train.epochs or self.cadence.epoch_end(p.epoch, p.step)
+        if saving or is_best:
+            self.save(is_best, hold=not saving)
+        return saving
 
-    def save(self, is_best: bool = False) -> None:
-        """Rank 0 writes last.pt (and best.pt); every rank takes part in the checks and sums before it."""
+    def save(self, is_best: bool = False, hold: bool = False) -> None:
+        """Rank 0 writes last.pt (and best.pt), or holds a new best; every rank takes part in the checks and sums."""
         stop_if_diverged(self.meter, self.progress, self.steps_per_epoch, self.saver, self.cfg.optim.lr)
         self.progress.sums = self.meter.totals()
+        if not hold:
+            self.cadence.saved()
         if self.dist.is_main:
             recipe, identity = self.preprocess.recipe(self.data.image_size), self.data.identity()
             payload = checkpoint.build(self.state, self.progress, self.cfg, self.data.classes, recipe, identity)
-            self.saver.save(payload, is_best)
+            self.saver.save(payload, is_best, hold)
             if warning := preemption.save_outlasts(self.grace, self.saver.last_write_s):
                 self.logger.warn(warning)
                 self.grace = None  # said once

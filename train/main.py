@@ -87,7 +87,7 @@ def fit(trainer, stop: cli.StopFlag) -> int:
             names = [signal.Signals(s).name for s in stop.received]
             stop.ended = how_ended(code, stop)
             try:
-                attempt.end(stop.ended, code, trainer.saver.seconds, names)
+                attempt.end(stop.ended, code, trainer.saver.blocked, names)
             except OSError as e:
                 logger.warn(f"cannot record this attempt in {folder / runfolder.ATTEMPTS} ({e.strerror or e})")
             if code == cli.Exit.OK:

@@ -105,9 +105,11 @@ def stop_if_diverged(meter: Meter, p: checkpoint.Progress, steps_per_epoch: int,
     if bad is None:
         return
     back, value = bad
-    saver.wait(raise_error=False)  # the checkpoint named below is the last one that reached the disk
-    last = saver.folder / checkpoint.LAST
+    saver.flush_best()  # the checkpoints named below are on disk: the write in flight, a held best.pt
+    last, best = saver.folder / checkpoint.LAST, saver.folder / checkpoint.BEST
     saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+    if best.exists() and not last.exists():
+        saved = f"the best model so far is in {best}"
     raise NonFiniteLoss(
         f"loss became {value} at {p.where(steps_per_epoch, back)}; stopped without saving, "
         f"{saved}. Lower optim.lr (now {lr}) or check the data"

@@ -32,6 +32,7 @@ class Runtime:
     save_in_background: bool  # checkpoints written by a thread of their own from a CPU snapshot
     progress: str  # bar | lines | none
     ranks: int
+    cuda_graphs: bool = False  # the training step replayed from one CUDA graph (train/graphs.py)
 
     @property
     def torch_device(self) -> torch.device:
@@ -47,8 +48,9 @@ class Runtime:
             f"{self.ranks} ranks x {self.device.split(':')[0]}, {self.backend}" if self.backend else f"1 process on {self.device}"
         )
         saves = "in the background" if self.save_in_background else "in the training thread"
+        graphs = ", the step as a CUDA graph" if self.cuda_graphs else ""
         return (
-            f"running on: {ranks}, {self.threads} CPU threads each, {self.amp}, {self.workers} loader workers, "
+            f"running on: {ranks}, {self.threads} CPU threads each, {self.amp}{graphs}, {self.workers} loader workers, "
             f"checkpoints written {saves}, progress {self.progress}"
         )
 
@@ -86,11 +88,50 @@ def device(name: str, launch: Launch, key: str = "train.device") -> torch.device
     return torch.device("cuda", launch.local_rank)
 
 
-def amp_setting(setting: str, dev: torch.device) -> str:
-    # bf16 on CUDA; on CPUs without bf16 units autocast was measured ~11x slower than float32
+def amp_setting(setting: str, dev: torch.device, model: str) -> str:
+    """`train.amp` for this device and model (`model.name`); measured by bench/throughput.py's precision part.
+
+    On CPUs without bf16 units autocast was measured ~11x slower than float32. On an H200 the seed's
+    cnn, launch-bound, ran 1.18x faster in fp32 than in bf16 (README, Performance); vgg16 is compute-bound.
+    """
     if setting == "auto":
-        return "bf16" if dev.type == "cuda" else "fp32"
+        return "bf16" if dev.type == "cuda" and model != "cnn" else "fp32"
     return setting
+
+
+def cuda_graphs(cfg: Config, dev: torch.device, launch: Launch, amp: str, warnings: list[str]) -> bool:
+    """train.cuda_graphs for this run (train/graphs.py). A combination that never works is refused; where this
+    machine or launch cannot (the CPU, several ranks) the steps run eagerly, with a warning, as configs travel."""
+    if not cfg.train.cuda_graphs:
+        return False
+    off = "or set train.cuda_graphs=false"
+    if amp == "fp16":
+        raise UserError(
+            f"train.cuda_graphs=true cannot replay fp16's loss scaling (it reads the device at every step); "
+            f"use train.amp=bf16 or fp32, {off}"
+        )
+    if cfg.optim.name != "sgd":
+        raise UserError(
+            f"train.cuda_graphs=true needs optim.name=sgd (its fused step reads the learning rate on the "
+            f"device), not {cfg.optim.name}; {off}"
+        )
+    if cfg.model.compile:
+        raise UserError("train.cuda_graphs=true and model.compile=true are two ways to the same end; set one of them to false")
+    if dev.type != "cuda":
+        warnings.append(f"train.cuda_graphs=true needs a CUDA device and this run is on the {dev.type}: steps run eagerly")
+        return False
+    if launch.world_size > 1:
+        warnings.append(
+            f"train.cuda_graphs=true captures one process's step, and this run has {launch.world_size} ranks: steps run eagerly"
+        )
+        return False
+    if cfg.train.reproducible == "bitwise":
+        warnings.append(
+            "train.cuda_graphs=true replays one pass over the batch, and train.reproducible=bitwise takes one per shard: "
+            "steps run eagerly"
+        )
+        return False
+    return True
 
 
 def backend(setting: str, dev: torch.device, launch: Launch) -> str | None:
@@ -134,10 +175,11 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
     if progress == "auto":
         progress = "bar" if sys.stderr.isatty() else "lines"
     background = cfg.train.save_in_background
+    amp = amp_setting(cfg.train.amp, dev, cfg.model.name)
     runtime = Runtime(
         device=str(dev),
         backend=backend(cfg.dist.backend, dev, launch),
-        amp=amp_setting(cfg.train.amp, dev),
+        amp=amp,
         threads=at_most_4_per_core(
             "train.threads",
             threads(cfg.train.threads, launch, one=cfg.train.reproducible == "bitwise" and dev.type == "cpu"),
@@ -147,5 +189,6 @@ def resolve(cfg: Config, launch: Launch) -> tuple[Runtime, list[str]]:
         save_in_background=background == "always" or (background == "auto" and dev.type == "cuda"),
         progress=progress,
         ranks=launch.world_size,
+        cuda_graphs=cuda_graphs(cfg, dev, launch, amp, warnings),
     )
     return runtime, warnings

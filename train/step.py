@@ -16,15 +16,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import augment, checkpoint, faults, models, randomness, shards
+from train import augment, checkpoint, faults, graphs, models, randomness, shards
 from train.config import Config
 from train.distributed import Dist
+from train.runtime import Runtime
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # no cast cache: each weight is cast once per step anyway, and a CUDA graph must not capture one (train/graphs.py)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def wrap(model: nn.Module, dist: Dist, compile: bool, sharded: bool) -> nn.Module:
@@ -36,10 +38,18 @@ def wrap(model: nn.Module, dist: Dist, compile: bool, sharded: bool) -> nn.Modul
 
 
 class Step:
-    """`step(images, labels, indices, global_step)` -> (loss, correct) of the batch, after the optimizer's update."""
+    """`step(images, labels, indices, global_step)` -> (loss, correct) of the batch, after the optimizer's update.
 
-    def __init__(self, cfg: Config, state: checkpoint.TrainState, dist: Dist, dtype, preprocess: augment.Preprocess, n: int):
-        """`n`: the training images (their keys); `dtype`: the autocast dtype, None for fp32."""
+    With train.cuda_graphs (as train/runtime.py resolved it: one GPU, sgd) the update is replayed from a
+    CUDA graph after a few eager steps (train/graphs.py); its results are then the graph's tensors,
+    rewritten by the next step.
+    """
+
+    def __init__(
+        self, cfg: Config, state: checkpoint.TrainState, dist: Dist, runtime: Runtime, preprocess: augment.Preprocess, n: int
+    ):
+        """`n`: the training images (their keys); `runtime`: train/runtime.py's choices (dtype, CUDA graphs)."""
+        dtype, graphed = runtime.dtype, runtime.cuda_graphs
         self.state, self.device, self.dtype, self.preprocess = state, dist.device, dtype, preprocess
         self.passes = shards.passes(cfg.train, state.model, dist)  # one pass (DDP) or bitwise shards
         self.model = wrap(state.model, dist, cfg.model.compile, self.passes.sharded)  # what the forward calls
@@ -47,12 +57,19 @@ class Step:
         models.attach(state.model, self.keys)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.first_batch: Callable[[torch.Tensor], None] | None = None  # shown the run's very first input once
+        self.taken = 0
+        self.run = graphs.runner(self._update, state.optimizer, graphed)  # `_update` itself, or its CUDA graph
 
     def start_epoch(self, epoch: int) -> None:
         self.model.train()
         self.keys.start_epoch(epoch)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int):
+        """`step`: the global steps taken before this one (for the fault injection points' lines)."""
+        self.taken = step
+        return self.run(images, labels, indices)
+
+    def _update(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
         draws = self.keys.draws(indices)  # (B, 4) int64: each image's random bits, keyed by (seed, epoch, index)
         self.state.optimizer.zero_grad(set_to_none=True)
         for part in self.passes.parts():  # the whole batch; in bitwise mode each of this rank's shards in turn
@@ -68,7 +85,7 @@ class Step:
             self.state.scaler.scale(loss).backward()  # the scaler is a pass-through unless train.amp=fp16
             self.passes.keep(loss, out, y)
         loss, correct = self.passes.combine()  # bitwise: every shard's gradient, added in shard order
-        faults.point("step", f"(step {step + 1})")
+        faults.point("step", f"(step {self.taken + 1})")  # in eager steps only: a replay runs no Python
         self.state.scaler.step(self.state.optimizer)
         self.state.scaler.update()
         return loss, correct
