@@ -24,7 +24,6 @@ what train.reproducible=bitwise costs (one CPU thread per rank is its default on
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -86,8 +85,11 @@ def worker(overrides: list[str]) -> dict:
         limit_rate = _rates(limit_step, STEPS, 128 * STEPS)
         images = trainer.data.train.images[:128]
         preprocess = trainer.preprocess
-        if importlib.util.find_spec("train.randomness"):  # keyed draws: the batch's bits from the epoch's table
-            draws = trainer.step.keys.draws(torch.arange(128))
+        # keyed draws: the batch's bits from the epoch's table. Asked of the trainer, not of the import system: the
+        # project's editable install finds train.randomness in its own checkout for an older tree too
+        keys = getattr(getattr(trainer, "step", None), "keys", None) or getattr(trainer, "keys", None)
+        if keys is not None:
+            draws = keys.draws(torch.arange(128))
             augment_step = lambda: preprocess.train(images, draws)  # noqa: E731
         else:  # before: a generator per rank
             gen = torch.Generator().manual_seed(0)
