@@ -26,7 +26,10 @@ def run_folders(root: Path) -> list[Path]:
 def state(folder: Path, attempts: list[dict]) -> str:
     live = runfolder.read_live(folder)
     if live is not None:
-        age = time.time() - runfolder.number(live.get("time"))
+        beat = runfolder.number(live.get("time"))
+        if not beat:  # an edited or damaged heartbeat: no age to show
+            return "lost (heartbeat unreadable)"
+        age = time.time() - beat
         # a heartbeat older than a few periods: the attempt died without a word (SIGKILL, a lost node)
         return "running" if age < 4 * runfolder.HEARTBEAT_S else f"lost ({age:.0f} s without a heartbeat)"
     return str(attempts[-1].get("ended", "?")) if attempts else "not started"

@@ -245,6 +245,15 @@ def _write_error(folder: Path, e: OSError, kept: str) -> CheckpointError:
     )
 
 
+def _best_error(folder: Path, e: OSError) -> CheckpointError:
+    """last.pt was written and is the best so far: a rerun resumes after it and would not write best.pt again."""
+    fix = f"move the folder {folder / BEST} away" if isinstance(e, IsADirectoryError) else "free space (or fix permissions)"
+    return CheckpointError(
+        f"could not write {folder / BEST} ({e.strerror or e}); {folder / LAST}, the best model so far, was saved. "
+        f"To keep it as best.pt, {fix}, copy last.pt to best.pt, and rerun the same command to resume"
+    )
+
+
 def save(folder: Path, payload: dict, is_best: bool) -> Path:
     """Write `payload` as last.pt (keeping the previous last.pt as prev.pt) and as best.pt when `is_best`."""
     payload = _stamped(payload)
@@ -254,10 +263,13 @@ def save(folder: Path, payload: dict, is_best: bool) -> Path:
             # prev.pt becomes the current last.pt by a hard link (no copy): last.pt always exists
             atomic.link_atomic(last, folder / PREV)
         atomic.write_atomic(last, payload=payload)
-        if is_best:
-            atomic.copy_atomic(last, folder / BEST)  # its own file; a kernel copy, 0.4x the time of a second torch.save
     except OSError as e:
         raise _write_error(folder, e, LAST) from None
+    if is_best:  # its own try: a failure here leaves the new last.pt in place, and the message says so
+        try:
+            atomic.copy_atomic(last, folder / BEST)  # its own file; a kernel copy, 0.4x the time of a second torch.save
+        except OSError as e:
+            raise _best_error(folder, e) from None
     return last
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import threading
@@ -294,5 +295,7 @@ def _seconds(attempt: dict) -> float:
 
 
 def number(value) -> float:
-    """A number from a record, 0 for anything else (the file is the user's: it may have been edited)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    """A number from a record, 0 for anything else (the file is the user's: it may have been edited). Every
+    number recorded (times, steps, seconds) is finite and not negative: an edited -5 or NaN reads as 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+    return float(value) if ok else 0.0
