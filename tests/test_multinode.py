@@ -55,17 +55,18 @@ def network_line(log: str) -> list[tuple[str, str, str]]:
     return re.findall(r"rank \d+ (\S+) (\S+) (\S+)", line)
 
 
-def test_srun_path_across_two_nodes(one_process, tmp_path):
+def two_nodes_one_task_each(tmp_path, *args) -> tuple[str, str]:
+    """slurm/train.sbatch ARGS on 2 nodes, one task and one core each, into tmp_path/run: (job id, its log), COMPLETED."""
     out = tmp_path / "job.out"
-    job, state = batch(
-        "train.sbatch",
-        *MN,
-        f"log.run_dir={tmp_path / 'run'}",
-        options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"),
-        out=out,
-    )
+    options = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
+    job, state = batch("train.sbatch", *args, f"log.run_dir={tmp_path / 'run'}", options=options, out=out)
     log = out.read_text()
     assert state == "COMPLETED", log[-3000:]
+    return job, log
+
+
+def test_srun_path_across_two_nodes(one_process, tmp_path):
+    job, log = two_nodes_one_task_each(tmp_path, *MN)
     assert "on 2 x cpu" in log and "done: test_acc" in log
     bindings = network_line(log)  # each rank on its own node, on the namespace's interface, never loopback
     assert [b[0] for b in bindings] == ["node1", "node2"]
@@ -208,16 +209,7 @@ def test_a_rank_killed_on_node_two_ends_the_job_and_a_rerun_resumes(one_process,
 def test_bitwise_mode_across_two_nodes_equals_one_process(one_process_run, tmp_path):
     """train.reproducible=bitwise, crop + flip + grayscale + jitter: 2 ranks on 2 nodes (srun, one task and one
     core each, gloo over the namespaces' network) train the 1-process model bit for bit, metrics.jsonl too."""
-    out = tmp_path / "job.out"
-    job, state = batch(
-        "train.sbatch",
-        *BITWISE,
-        f"log.run_dir={tmp_path / 'run'}",
-        options=("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"),
-        out=out,
-    )
-    log = out.read_text()
-    assert state == "COMPLETED", log[-3000:]
+    job, log = two_nodes_one_task_each(tmp_path, *BITWISE)
     assert [b[0] for b in network_line(log)] == ["node1", "node2"]
     one = one_process_run(BITWISE)
     assert_same_weights(one / "checkpoints" / "last.pt", tmp_path / "run" / "checkpoints" / "last.pt", exact=True)
