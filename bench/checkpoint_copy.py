@@ -3,8 +3,9 @@
     python bench/checkpoint_copy.py [--folder DIR] [--rounds 5]
 
 A VGG16-sized checkpoint (its weights and as much again for SGD momentum, 1.1 GB) is written
-with torch.save and fsync, then copied with os.copy_file_range (inside the kernel, what
-train/atomic.py's copy_atomic does) and with shutil.copyfile, each fsync'ed. Medians over rounds.
+the way the trainer writes last.pt (train/atomic.py's write_atomic: torch.save, fsync, rename),
+then copied the way it writes best.pt (copy_atomic: os.copy_file_range inside the kernel, fsync,
+rename) and, for comparison, with shutil.copyfile and fsync. Medians over rounds.
 Run it on the disk your run folders live on: the numbers are the disk's.
 """
 
@@ -18,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torchvision
+
+from train import atomic
 
 
 def fsync(path: Path) -> None:
@@ -28,22 +30,6 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def save(payload: dict, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def copy_file_range(src: Path, dst: Path) -> None:
-    with open(src, "rb") as a, open(dst, "wb") as b:
-        size, done = os.fstat(a.fileno()).st_size, 0
-        while done < size:
-            done += os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
-        b.flush()
-        os.fsync(b.fileno())
 
 
 def copyfile(src: Path, dst: Path) -> None:
@@ -63,8 +49,8 @@ def main() -> None:
         last, best = Path(tmp) / "last.pt", Path(tmp) / "best.pt"
         for _ in range(args.rounds):
             for name, write in (
-                ("torch.save", lambda: save(payload, last)),
-                ("os.copy_file_range", lambda: copy_file_range(last, best)),
+                ("torch.save", lambda: atomic.write_atomic(last, payload=payload)),
+                ("os.copy_file_range", lambda: atomic.copy_atomic(last, best)),
                 ("shutil.copyfile", lambda: copyfile(last, best)),
             ):
                 best.unlink(missing_ok=True)

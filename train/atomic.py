@@ -130,8 +130,8 @@ def remove_temporary(folder: Path) -> None:
 def copy_atomic(src: Path, dst: Path) -> None:
     """`dst` becomes a copy of `src` (its own file: writing one never changes the other), atomically.
 
-    os.copy_file_range copies inside the kernel: for a 1.1 GB checkpoint on ext4 it took 0.93 s where a
-    second torch.save took 2.40 s (bench/checkpoint_copy.py; README, "Hostile files and misuse").
+    os.copy_file_range copies inside the kernel: for a 1.1 GB checkpoint on ext4 it took 0.69 s where a
+    second torch.save took 2.50 s (bench/checkpoint_copy.py; README, "Hostile files and misuse").
     """
     tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
     try:
